@@ -1,0 +1,97 @@
+"""Every config key tfx reads, with its default. Experiment files override these."""
+import ml_collections
+
+
+def default() -> ml_collections.ConfigDict:
+  """The full default config; `experiments/*.py` start here and override."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                         # one seed for init, data order and diffusion noise
+  c.total_steps = 1000               # optimizer steps to train
+  c.global_batch_size = 8            # sequences per step, over all hosts
+  c.seq_len = 256                    # tokens per packed sequence (text tokens + patches)
+  c.checkpoint_every_steps = 500     # save the train state and data iterator this often
+  c.keep_checkpoints = 3             # how many recent checkpoints to keep
+  c.log_every_steps = 10             # write metrics.jsonl / TensorBoard this often
+  c.eval_every_steps = 0             # 0 = no evaluation during training
+  c.sample_every_steps = 0           # 0 = no sample grids during training
+
+  # -- model: a Llama-style decoder plus modality layers ---------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.preset = ""                      # name in tfx.model.presets; overrides the sizes below when set
+  m.vocab_size = 1024                # text vocabulary (>= tokenizer size; padded for sharding)
+  m.d_model = 128                    # residual width
+  m.n_layers = 2                     # transformer blocks
+  m.n_heads = 4                      # query heads
+  m.n_kv_heads = 4                   # key/value heads (grouped-query attention when < n_heads)
+  m.head_dim = 0                     # 0 = d_model // n_heads
+  m.mlp_dim = 0                      # SwiGLU hidden width; 0 = 8/3 * d_model rounded to 64
+  m.qk_norm = False                  # RMSNorm on queries and keys
+  m.rope_theta = 10000.0             # RoPE base
+  m.norm_eps = 1e-5                  # RMSNorm epsilon
+  m.tie_embeddings = False           # share text embedding and LM head
+  m.encoder = "linear"               # modality layers: "linear" or "unet"
+  m.unet_channels = (64, 128)        # U-Net down/up block widths (encoder="unet")
+  m.unet_blocks_per_level = 1        # residual blocks per U-Net level
+  m.t_embed_dim = 256                # sinusoidal timestep features before the MLP
+  m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
+  m.remat = "none"                   # activation checkpointing: "none", "full", "dots"
+  m.scan_layers = False              # stack blocks with nnx.scan (faster compile at depth)
+
+  # -- images: what one image is in the sequence ----------------------------
+  c.image = im = ml_collections.ConfigDict()
+  im.resolution = 32                 # pixel side of images fed to the autoencoder
+  im.patch_size = 4                  # k: k x k latent cells per patch
+  im.max_images_per_seq = 4          # upper bound on images in one packed sequence
+
+  # -- autoencoder: pixels <-> latents --------------------------------------
+  c.autoencoder = ae = ml_collections.ConfigDict()
+  ae.kind = "pixels"                 # "pixels" (identity), "vae" (tfx-trained), "diffusers"
+  ae.path = ""                       # checkpoint dir / diffusers folder for "vae"/"diffusers"
+  ae.latent_channels = 3             # channels of the latent grid (3 for pixels)
+  ae.downsample = 1                  # pixels per latent cell along each side (1 for pixels)
+  ae.scaling_factor = 1.0            # latents are multiplied by this before diffusion
+  ae.shift_factor = 0.0              # ... after subtracting this
+
+  # -- diffusion ------------------------------------------------------------
+  c.diffusion = d = ml_collections.ConfigDict()
+  d.num_timesteps = 1000             # T, discrete training timesteps
+  d.schedule = "cosine"              # noise schedule (Nichol & Dhariwal cosine)
+  d.prediction = "eps"               # model target: "eps" or "v"
+  d.loss_weight = 5.0                # lambda in L = L_lm + lambda * L_diff
+  d.noise_limit = 500                # max t for images that precede their caption
+  d.sampler = "ddim"                 # "ddim" or "ddpm"
+  d.sample_steps = 50                # denoising steps at inference
+  d.cfg_scale = 3.0                  # classifier-free guidance scale at inference
+
+  # -- data -----------------------------------------------------------------
+  c.data = dt = ml_collections.ConfigDict()
+  dt.image_text = "shapes"           # image-caption source: built-in name or prepared dir
+  dt.text = "pydoc_topics"           # text-only source: built-in name or prepared dir ("" = none)
+  dt.data_dir = ""                   # where tfds datasets live ("" = ~/tensorflow_datasets)
+  dt.tokenizer = ""                  # SentencePiece .model path ("" = built for the default data)
+  dt.image_text_weight = 0.5         # mixture weight of image-caption examples
+  dt.text_weight = 0.5               # mixture weight of text documents
+  dt.caption_first_fraction = 0.8    # share of pairs as caption->image (rest image->caption)
+  dt.caption_dropout = 0.1           # drop the caption of caption-first pairs (for CFG)
+  dt.shuffle_buffer_seed = 0         # shuffle seed offset (added to c.seed)
+  dt.worker_count = 0                # Grain worker processes (0 = in the main process)
+  dt.prefetch = 2                    # batches prefetched ahead of the step
+
+  # -- optimizer (AdamW, warmup + cosine; paper defaults) -------------------
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 3e-4                        # peak learning rate
+  o.warmup_steps = 4000              # linear warmup
+  o.end_lr = 1.5e-5                  # cosine decays to this
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1               # not applied to norms, biases and embeddings
+  o.grad_clip = 1.0                  # global-norm clip
+  o.ema_decay = 0.0                  # 0 = no EMA copy of the params
+
+  # -- mesh: logical axes -> devices (-1 = fill with the remaining devices) --
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.tensor = 1
+  return c

@@ -1,0 +1,120 @@
+"""The device mesh and the one table mapping logical axis names to mesh axes."""
+import math
+from typing import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated).
+# Params: `embed` is sharded FSDP-style; `mlp`/`heads`/`kv`/`vocab` over tensor.
+# Activations: the batch is split over every data-like axis.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "kv": None,
+    "head_dim": None,
+    "vocab": "tensor",
+    "patch": None,
+    "t_embed": None,
+    "conv_in": None,
+    "conv_out": "tensor",
+    "conv_kernel": None,
+    "norm": None,
+    "layers": None,
+    # activations
+    "act_batch": ("data", "fsdp"),
+    "act_len": None,
+    "act_embed": None,
+    "act_mlp": "tensor",
+    "act_heads": "tensor",
+    "act_kv": None,
+    "act_vocab": "tensor",
+}
+
+
+class MeshError(ValueError):
+  """A mesh config that does not fit the devices."""
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 entry to fill `num_devices`; checks the product."""
+  dims = [data, fsdp, tensor]
+  if dims.count(-1) > 1:
+    raise MeshError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  if any(d == 0 or d < -1 for d in dims):
+    raise MeshError(f"mesh: axis sizes must be positive or -1, got {dims}")
+  known = math.prod(d for d in dims if d != -1)
+  if -1 in dims:
+    if num_devices % known:
+      raise MeshError(f"mesh: {num_devices} devices are not divisible by the fixed axes (product {known})")
+    dims[dims.index(-1)] = num_devices // known
+  if math.prod(dims) != num_devices:
+    raise MeshError(f"mesh: data*fsdp*tensor = {math.prod(dims)} but there are {num_devices} devices")
+  return tuple(dims)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ("data", "fsdp", "tensor") mesh from a config group with -1 = fill."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None] | None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec through LOGICAL_RULES."""
+  if not names:
+    return PartitionSpec()
+  axes, used = [], set()
+  for name in names:
+    if name is None:
+      axes.append(None)
+      continue
+    if name not in LOGICAL_RULES:
+      raise KeyError(f"no sharding rule for logical axis {name!r}; add it to tfx.mesh.LOGICAL_RULES")
+    target = LOGICAL_RULES[name]
+    parts = (target,) if isinstance(target, str) else tuple(target or ())
+    parts = tuple(p for p in parts if p not in used)  # a mesh axis may shard one dim only
+    used.update(parts)
+    axes.append(parts[0] if len(parts) == 1 else (parts or None))
+  return PartitionSpec(*axes)
+
+
+def _current_mesh() -> Mesh | None:
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation's sharding by logical names; a no-op without a mesh."""
+  mesh = _current_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names)))
+
+
+def _variable_names(v: nnx.Variable):
+  return getattr(v, "out_sharding", None)
+
+
+def state_specs(state) -> object:
+  """PartitionSpecs (same tree as `state`) from each Variable's logical names."""
+  return jax.tree.map(
+      lambda v: logical_to_spec(_variable_names(v)) if isinstance(v, nnx.Variable) else PartitionSpec(),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state, mesh: Mesh) -> object:
+  """NamedShardings for a (possibly abstract) nnx.State on `mesh`."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Sharding of a [B, ...] batch array: batch over the data-like axes."""
+  return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1)))
