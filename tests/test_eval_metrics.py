@@ -1,0 +1,137 @@
+"""Each evaluation metric against a case computed by hand."""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfx.eval import captioning, cider, fd, perplexity, shapesnet, t2i
+
+
+# -- CIDEr-D ------------------------------------------------------------------
+
+def test_cider_identical_captions_score_the_maximum():
+  caps = ["a red circle to the left of a blue square", "two green triangles above a square",
+          "three purple circles in a row", "an orange triangle below a yellow circle"]
+  mean, scores = cider.cider_d(caps, [[c] for c in caps])
+  assert scores == pytest.approx([10.0] * 4)
+  assert mean == pytest.approx(10.0)
+  worse, _ = cider.cider_d(caps[1:] + caps[:1], [[c] for c in caps])
+  assert worse < mean
+
+
+def test_cider_hand_computed_length_penalty_and_cosines():
+  # Item 0: candidate "a b c d" vs reference "a b c d e f"; item 1 shares no words,
+  # so every n-gram has df = 1 and the same idf: cosines are count ratios.
+  mean, scores = cider.cider_d(["a b c d", "x y"], [["a b c d e f"], ["p q r s"]])
+  cosines = [4 / (2 * math.sqrt(6)), 3 / (math.sqrt(3) * math.sqrt(5)),
+             2 / (math.sqrt(2) * 2), 1 / math.sqrt(3)]
+  expected = 10 * math.exp(-4 / 72) * sum(cosines) / 4
+  assert scores[0] == pytest.approx(expected, rel=1e-12)
+  assert scores[1] == 0.0
+  assert mean == pytest.approx(expected / 2)
+
+
+def test_cider_clips_repeated_words_and_ignores_case_and_punctuation():
+  clipped, _ = cider.cider_d(["red red red red", "x"], [["red circle", "y"], ["z"]])
+  plain, _ = cider.cider_d(["Red circle.", "x"], [["red circle", "y"], ["z"]])
+  assert plain == pytest.approx(cider.cider_d(["red circle", "x"], [["red circle", "y"], ["z"]])[0])
+  assert clipped < plain
+  with pytest.raises(ValueError, match="reference"):
+    cider.cider_d(["a"], [["a"], ["b"]])
+
+
+# -- Frechet distance ----------------------------------------------------------
+
+def test_fd_of_a_set_with_itself_is_zero():
+  x = np.random.default_rng(0).normal(size=(300, 8)) @ np.random.default_rng(1).normal(size=(8, 8))
+  assert fd.frechet_distance_of_features(x, x) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_fd_hand_computed_for_diagonal_gaussians():
+  mu_a, mu_b = np.array([0.0, 1.0]), np.array([3.0, -1.0])
+  var_a, var_b = np.array([1.0, 4.0]), np.array([9.0, 1.0])
+  expected = 9 + 4 + sum(var_a + var_b - 2 * np.sqrt(var_a * var_b))  # 13 + (1+9-6) + (4+1-4)
+  got = fd.frechet_distance(mu_a, np.diag(var_a), mu_b, np.diag(var_b))
+  assert got == pytest.approx(expected) == pytest.approx(18.0)
+  with pytest.raises(ValueError, match="at least 2"):
+    fd.statistics(np.zeros((1, 3)))
+
+
+# -- perplexity ------------------------------------------------------------------
+
+class _UniformLM(nnx.Module):
+  """Emits equal logits everywhere: perplexity must be the vocabulary size."""
+
+  def __init__(self, vocab: int):
+    self.scale = nnx.Param(jnp.zeros(()))
+    self.vocab = vocab
+
+  def __call__(self, batch, t_BL, *, cache=None):
+    b, l = batch["tokens"].shape
+    return jnp.zeros((b, l, self.vocab)) + self.scale, jnp.zeros((b, l, 3)), None
+
+
+def _text_batch(b=2, l=6, vocab=11):
+  rng = np.random.default_rng(0)
+  batch = {k: np.zeros((b, l), np.int32) for k in perplexity.MODEL_FIELDS}
+  batch["patches"] = np.zeros((b, l, 3), np.float32)
+  batch["lm_targets"] = rng.integers(0, vocab, (b, l)).astype(np.int32)
+  batch["lm_mask"] = (rng.random((b, l)) < 0.7).astype(np.float32)
+  return batch
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocab_size():
+  batch = _text_batch()
+  ppl, tokens = perplexity.perplexity(_UniformLM(11), [batch, batch])
+  assert ppl == pytest.approx(11.0, rel=1e-5)
+  assert tokens == 2 * int(batch["lm_mask"].sum())
+
+
+def test_token_nll_matches_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, (2, 5)).astype(np.int32)
+  mask = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], np.float32)
+  lp = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+  ref = -(np.take_along_axis(lp, targets[..., None], -1)[..., 0] * mask).sum()
+  s, n = perplexity.token_nll_sum(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  assert float(s) == pytest.approx(ref, rel=1e-5) and float(n) == 7
+
+
+# -- aggregation with a stand-in scorer (the real scorer's cases are below) -----
+
+def test_t2i_summary_counts_kinds_attributes_and_held_out():
+  prompts = [t2i.Prompt("a red circle", "one_object", False), t2i.Prompt("two blue squares", "count", True),
+             t2i.Prompt("a red circle above a blue square", "relation", True)]
+  verdicts = [dict(passed=True, color=True, shape=True, count=True, position=None),
+              dict(passed=False, color=True, shape=False, count=False, position=None),
+              dict(passed=False, color=True, shape=True, count=True, position=False)]
+  s = t2i.summarize(prompts, verdicts)
+  assert s["t2i_pass"] == pytest.approx(1 / 3)
+  assert (s["t2i_pass_one_object"], s["t2i_pass_count"], s["t2i_pass_relation"]) == (1.0, 0.0, 0.0)
+  assert s["t2i_shape_acc"] == pytest.approx(2 / 3) and s["t2i_position_acc"] == 0.0
+  assert s["t2i_heldout_pass"] == 0.0 and s["t2i_heldout_color_acc"] == 1.0
+  assert "t2i_heldout_pass_one_object" not in s
+  with pytest.raises(ValueError, match="kind"):
+    t2i.summarize([t2i.Prompt("x", "scene", False)], verdicts[:1])
+
+
+# -- ShapesNet ---------------------------------------------------------------------
+
+def test_shapesnet_learns_and_round_trips(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, (256, 1))
+  images = np.full((256, 32, 32, 3), 255, np.uint8)
+  for i, q in enumerate(labels[:, 0]):
+    r, c = divmod(int(q), 2)
+    images[i, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = (40, 80, 220)
+  model, acc = shapesnet.train(images, labels, resolution=16, num_classes=4, steps=60)
+  assert acc > 0.9
+  path = str(tmp_path / "shapesnet.npz")
+  shapesnet.save(model, path)
+  again = shapesnet.load(path)
+  np.testing.assert_array_equal(shapesnet.features(model, images[:8]), shapesnet.features(again, images[:8]))
+  with pytest.raises(ValueError, match="npz"):
+    shapesnet.load(str(tmp_path / "weights.pth"))
