@@ -1,0 +1,116 @@
+"""Autoencoders: diffusers parity, loader errors, the pixels identity, the tfx VAE, latent caching."""
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from tfx import config as config_lib
+from tfx import autoencoder
+from tfx.autoencoder import diffusers
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def _rel_err(a, b) -> float:
+  return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module", params=["sd", "flux"])
+def diffusers_case(request):
+  variant = request.param
+  return (diffusers.load(str(FIXTURES / f"diffusers_vae_{variant}")),
+          np.load(FIXTURES / f"diffusers_vae_{variant}_io.npz"))
+
+
+def test_diffusers_parity_with_torch(diffusers_case):
+  ae, io = diffusers_case
+  assert _rel_err(ae.encode(io["images"]), io["mean"]) < 1e-4
+  assert _rel_err(ae.decode(io["mean"]), io["decoded"]) < 1e-4
+
+
+def test_diffusers_reads_factors_from_config_json():
+  ae = diffusers.load(str(FIXTURES / "diffusers_vae_flux"))
+  assert (ae.scaling_factor, ae.shift_factor, ae.downsample, ae.latent_channels) == (0.3611, 0.1159, 4, 4)
+  z = np.linspace(-1, 1, 2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)
+  np.testing.assert_allclose(ae.from_diffusion(ae.to_diffusion(z)), z, atol=1e-6)
+
+
+def _copy_fixture(tmp_path, variant="sd") -> pathlib.Path:
+  folder = tmp_path / variant
+  shutil.copytree(FIXTURES / f"diffusers_vae_{variant}", folder)
+  return folder
+
+
+def test_diffusers_rejects_mismatched_config(tmp_path):
+  folder = _copy_fixture(tmp_path)
+  raw = json.loads((folder / "config.json").read_text())
+  raw["block_out_channels"] = [8, 32]
+  (folder / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(autoencoder.AutoencoderError, match="do not match config.json.*shape"):
+    diffusers.load(str(folder))
+
+
+def test_diffusers_rejects_missing_quant_conv(tmp_path):
+  folder = _copy_fixture(tmp_path, "flux")
+  raw = json.loads((folder / "config.json").read_text())
+  raw["use_quant_conv"] = True
+  (folder / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(autoencoder.AutoencoderError, match="missing quant_conv"):
+    diffusers.load(str(folder))
+
+
+def test_diffusers_rejects_unsupported_blocks(tmp_path):
+  folder = _copy_fixture(tmp_path)
+  raw = json.loads((folder / "config.json").read_text())
+  raw["down_block_types"][0] = "AttnDownEncoderBlock2D"
+  (folder / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(autoencoder.AutoencoderError, match="AttnDownEncoderBlock2D"):
+    diffusers.load(str(folder))
+
+
+@pytest.mark.parametrize("name", ["diffusion_pytorch_model.bin", "vae.pth", "model.ckpt"])
+def test_pickle_checkpoints_are_refused(tmp_path, name):
+  path = tmp_path / name
+  path.write_bytes(b"not loaded")
+  with pytest.raises(autoencoder.AutoencoderError, match="never loaded.*safetensors"):
+    diffusers.load(str(path))
+
+
+def test_folder_with_only_a_bin_is_refused(tmp_path):
+  folder = tmp_path / "old"
+  folder.mkdir()
+  (folder / "config.json").write_text("{}")
+  (folder / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+  with pytest.raises(autoencoder.AutoencoderError, match="missing diffusion_pytorch_model.safetensors.*bin"):
+    diffusers.load(str(folder))
+
+
+def _config(**ae):
+  c = config_lib.default()
+  c.autoencoder.update(ae)
+  return c
+
+
+def test_load_checks_config_against_weights():
+  path = str(FIXTURES / "diffusers_vae_sd")
+  good = _config(kind="diffusers", path=path, latent_channels=4, downsample=2, scaling_factor=0.18215)
+  assert autoencoder.load(good).latent_channels == 4
+  with pytest.raises(autoencoder.AutoencoderError, match="autoencoder.downsample=2"):
+    autoencoder.load(_config(kind="diffusers", path=path, latent_channels=4, scaling_factor=0.18215))
+  with pytest.raises(autoencoder.AutoencoderError, match="scaling_factor=0.18215"):
+    autoencoder.load(_config(kind="diffusers", path=path, latent_channels=4, downsample=2))
+  with pytest.raises(autoencoder.AutoencoderError, match="not one of"):
+    autoencoder.load(_config(kind="vqgan"))
+  with pytest.raises(autoencoder.AutoencoderError, match="needs autoencoder.path"):
+    autoencoder.load(_config(kind="diffusers"))
+
+
+def test_pixels_is_identity():
+  ae = autoencoder.load(config_lib.default())
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  np.testing.assert_array_equal(ae.encode(x), x)
+  np.testing.assert_array_equal(ae.decode(ae.encode(x)), x)
+  with pytest.raises(autoencoder.AutoencoderError, match=r"\[B, H, W, 3\]"):
+    ae.encode(x[..., :2])

@@ -1,0 +1,49 @@
+"""Image <-> latent autoencoders: `load(config)` returns the one the config names.
+
+Kinds: "pixels" (identity), "vae" (trained by `python -m tfx.train_autoencoder`),
+"diffusers" (a pretrained diffusers AutoencoderKL folder). Shape-defining config
+keys (latent_channels, downsample) and, for learned kinds, the latent scaling
+(scaling_factor, shift_factor) must agree with what is loaded: the data pipeline
+and the model read them from the config.
+"""
+import math
+
+from tfx.autoencoder.base import Autoencoder, AutoencoderError
+from tfx.autoencoder.pixels import PixelAutoencoder
+
+KINDS = ("pixels", "vae", "diffusers")
+
+
+def _check_fits(config, ae: Autoencoder) -> None:
+  """Raises AutoencoderError naming the config keys that disagree with the loaded autoencoder."""
+  c = config.autoencoder
+  wanted = {"latent_channels": ae.latent_channels, "downsample": ae.downsample}
+  if c.kind != "pixels":
+    wanted |= {"scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor}
+  wrong = {k: v for k, v in wanted.items() if not math.isclose(c[k], v, rel_tol=1e-6, abs_tol=1e-9)}
+  if wrong:
+    fix = " ".join(f"autoencoder.{k}={v:g}" for k, v in wrong.items())
+    raise AutoencoderError(f"autoencoder {c.kind!r} at {c.path or '(none)'} does not match the config; set {fix}")
+
+
+def load(config) -> Autoencoder:
+  """The autoencoder of `config.autoencoder` (kind, path), checked against the config's keys."""
+  c = config.autoencoder
+  if c.kind == "pixels":
+    ae = PixelAutoencoder(c.scaling_factor, c.shift_factor)
+  elif c.kind in ("vae", "diffusers"):
+    if not c.path:
+      raise AutoencoderError(f"autoencoder.kind={c.kind!r} needs autoencoder.path (a local folder)")
+    if c.kind == "vae":
+      from tfx.autoencoder import vae  # pulls in Orbax only when needed
+      ae = vae.load(c.path)
+    else:
+      from tfx.autoencoder import diffusers
+      ae = diffusers.load(c.path)
+  else:
+    raise AutoencoderError(f"autoencoder.kind={c.kind!r} is not one of {', '.join(KINDS)}")
+  _check_fits(config, ae)
+  return ae
+
+
+__all__ = ["Autoencoder", "AutoencoderError", "KINDS", "PixelAutoencoder", "load"]

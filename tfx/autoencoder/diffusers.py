@@ -1,0 +1,145 @@
+"""Loads a pretrained diffusers AutoencoderKL (SD 1.x/2.x/XL, FLUX-style) from a local folder.
+
+Reads `config.json` + `diffusion_pytorch_model.safetensors` with the safetensors
+package (numpy): no PyTorch, no unpickling, no download.
+"""
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
+
+from tfx.autoencoder import nets
+from tfx.autoencoder.base import AutoencoderError, NetAutoencoder
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+SUPPORTED = f"a diffusers folder with config.json + {WEIGHTS_NAME} (or a .safetensors file beside config.json)"
+_PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
+# Names used by checkpoints saved before diffusers renamed the attention layers.
+_LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def _locate(path: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """(config.json, weights) for a folder, a pipeline folder with vae/, or a .safetensors file."""
+  p = pathlib.Path(path).expanduser()
+  if p.suffix.lower() in _PICKLE_SUFFIXES:
+    raise AutoencoderError(f"{p}: {p.suffix} checkpoints are pickles and are never loaded; "
+                           f"supported: {SUPPORTED}")
+  if p.is_file():
+    if p.suffix != ".safetensors":
+      raise AutoencoderError(f"{p}: unsupported weights file; supported: {SUPPORTED}")
+    folder, weights = p.parent, p
+  else:
+    if not p.is_dir():
+      raise AutoencoderError(f"{p}: no such file or folder; expected {SUPPORTED}")
+    folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+      found = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in _PICKLE_SUFFIXES)
+      hint = f" (found {', '.join(found)}: pickles are never loaded)" if found else ""
+      raise AutoencoderError(f"{folder}: missing {WEIGHTS_NAME}{hint}; supported: {SUPPORTED}")
+  config = folder / "config.json"
+  if not config.is_file():
+    raise AutoencoderError(f"{folder}: missing config.json next to the weights; supported: {SUPPORTED}")
+  return config, weights
+
+
+def net_config(raw: dict) -> nets.NetConfig:
+  """NetConfig from a diffusers AutoencoderKL config.json dict; rejects unsupported variants."""
+  if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+    raise AutoencoderError(f"config.json describes {raw['_class_name']}, only AutoencoderKL is supported")
+  for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+    bad = [b for b in raw.get(key, ()) if b != allowed]
+    if bad:
+      raise AutoencoderError(f"config.json {key} contains {bad[0]!r}; only {allowed!r} is supported")
+  if raw.get("act_fn", "silu") != "silu":
+    raise AutoencoderError(f"config.json act_fn={raw['act_fn']!r}; only 'silu' is supported")
+  chans = tuple(raw.get("block_out_channels", (64,)))
+  if len(raw.get("down_block_types", chans)) != len(chans):
+    raise AutoencoderError("config.json: down_block_types and block_out_channels differ in length")
+  return nets.NetConfig(
+      in_channels=raw.get("in_channels", 3), out_channels=raw.get("out_channels", 3),
+      block_out_channels=chans, layers_per_block=raw.get("layers_per_block", 1),
+      latent_channels=raw.get("latent_channels", 4), norm_num_groups=raw.get("norm_num_groups", 32),
+      use_quant_conv=raw.get("use_quant_conv", True) is not False,
+      use_post_quant_conv=raw.get("use_post_quant_conv", True) is not False,
+      mid_block_add_attention=raw.get("mid_block_add_attention", True) is not False)
+
+
+def torch_name(path: tuple) -> str:
+  """diffusers state-dict key of an nnx param path, e.g. (..., 'resample', 'conv', 'kernel')."""
+  parts, in_down = [], "down_blocks" in path
+  for part in path:
+    part = str(part)
+    if part == "resample":
+      part = "downsamplers.0" if in_down else "upsamplers.0"
+    elif part == "attention":
+      part = "attentions.0"
+    elif part == "to_out":
+      part = "to_out.0"
+    elif part in ("kernel", "scale"):
+      part = "weight"
+    parts.append(part)
+  return ".".join(parts)
+
+
+def _lookup(tensors: dict, key: str):
+  if key in tensors:
+    return key
+  for new, old in _LEGACY_ATTENTION.items():
+    legacy = key.replace(f".{new}.", f".{old}.")
+    if legacy != key and legacy in tensors:
+      return legacy
+  return None
+
+
+def _to_jax_layout(array: np.ndarray, target_shape: tuple) -> np.ndarray:
+  """torch conv [O,I,kh,kw] -> [kh,kw,I,O]; linear [O,I] (or 1x1 conv) -> [I,O]."""
+  if len(target_shape) == 4 and array.ndim == 4:
+    array = array.transpose(2, 3, 1, 0)
+  elif len(target_shape) == 2:
+    array = array.reshape(array.shape[0], -1).T if array.ndim == 4 and array.shape[2:] == (1, 1) else array.T
+  return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def load_params(net_state, tensors: dict, source: str):
+  """Fills an (abstract) nnx param state from a diffusers state dict; errors on any mismatch."""
+  used, problems = set(), []
+  flat = nnx.to_flat_state(net_state)
+  for path, var in flat:
+    key = torch_name(path)
+    found = _lookup(tensors, key)
+    if found is None:
+      problems.append(f"missing {key}")
+      continue
+    used.add(found)
+    value = _to_jax_layout(tensors[found], var.shape)
+    if value.shape != tuple(var.shape):
+      problems.append(f"{found} has shape {tensors[found].shape}, config.json implies "
+                      f"{tuple(var.shape)} (in tfx layout)")
+      continue
+    var.set_value(jnp.asarray(value))
+  unexpected = sorted(k for k in tensors if k not in used and not k.endswith("num_batches_tracked"))
+  problems += [f"unexpected {k}" for k in unexpected]
+  if problems:
+    more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise AutoencoderError(f"{source}: weights do not match config.json: {'; '.join(problems[:3])}{more}")
+  return nnx.from_flat_state(flat)
+
+
+def load(path: str) -> NetAutoencoder:
+  """The Autoencoder stored in a local diffusers folder (scaling/shift factors from config.json)."""
+  config_path, weights_path = _locate(path)
+  try:
+    raw = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise AutoencoderError(f"{config_path}: not valid JSON ({e})") from None
+  cfg = net_config(raw)
+  abstract = nnx.eval_shape(lambda: nets.AutoencoderKL(cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  params = load_params(state, load_file(str(weights_path)), str(weights_path))
+  net = nnx.merge(graphdef, params)
+  return NetAutoencoder(net, scaling_factor=raw.get("scaling_factor") or 1.0,
+                        shift_factor=raw.get("shift_factor") or 0.0)
