@@ -14,6 +14,7 @@ def default() -> ml_collections.ConfigDict:
   c.log_every_steps = 10             # write metrics.jsonl / TensorBoard this often
   c.eval_every_steps = 0             # 0 = no evaluation during training
   c.sample_every_steps = 0           # 0 = no sample grids during training
+  c.stop_after_step = 0              # end this run early at this step, after a checkpoint (0 = total_steps); the schedule still spans total_steps
 
   # -- model: a Llama-style decoder plus modality layers ---------------------
   c.model = m = ml_collections.ConfigDict()
@@ -94,4 +95,8 @@ def default() -> ml_collections.ConfigDict:
   ms.data = -1
   ms.fsdp = 1
   ms.tensor = 1
+  # multi-slice: each mesh axis is dcn_* (across slices, slow network) x the size above (per slice)
+  ms.dcn_data = 1                    # data-parallel replicas across slices (MaxText's dcn_data_parallelism)
+  ms.dcn_fsdp = 1                    # FSDP across slices (rarely worth the DCN traffic)
+  ms.dcn_tensor = 1                  # tensor parallelism across slices (almost never wanted)
   return c

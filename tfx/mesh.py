@@ -3,7 +3,9 @@ import math
 from typing import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -59,9 +61,37 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
   return tuple(dims)
 
 
+def dcn_shape(mesh_config) -> tuple[int, int, int]:
+  """Per-axis parallelism across slices (DCN); (1, 1, 1) for a single slice."""
+  dims = tuple(int(mesh_config.get(f"dcn_{a}", 1)) for a in MESH_AXES)
+  if any(d < 1 for d in dims):
+    raise MeshError(f"mesh: dcn_* sizes must be positive, got {dims}")
+  return dims
+
+
+def hybrid_device_grid(mesh_config, devices: Sequence) -> np.ndarray:
+  """Devices as a [data, fsdp, tensor] array whose axes are dcn x ici: slices outermost.
+
+  Slices are the devices' `slice_index` (multi-slice TPU), else their process
+  (GPU nodes, CPU tests). data/fsdp/tensor in the config are the per-slice sizes.
+  """
+  dcn = dcn_shape(mesh_config)
+  slices = math.prod(dcn)
+  if len(devices) % slices:
+    raise MeshError(f"mesh: {len(devices)} devices do not split into dcn {dcn} = {slices} equal slices")
+  ici = mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(devices) // slices)
+  try:
+    return mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+  except ValueError as e:
+    raise MeshError(f"mesh: cannot lay out ici {ici} x dcn {dcn}: {e}") from None
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the ("data", "fsdp", "tensor") mesh from a config group with -1 = fill."""
   devices = list(devices if devices is not None else jax.devices())
+  if math.prod(dcn_shape(mesh_config)) > 1:
+    return Mesh(hybrid_device_grid(mesh_config, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   shape = mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
