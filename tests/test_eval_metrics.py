@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx.eval import captioning, cider, fd, perplexity, shapesnet, t2i
+from tfx.eval import captioning, cider, fd, inception, perplexity, shapesnet, t2i
 
 
 # -- CIDEr-D ------------------------------------------------------------------
@@ -135,3 +135,46 @@ def test_shapesnet_learns_and_round_trips(tmp_path):
   np.testing.assert_array_equal(shapesnet.features(model, images[:8]), shapesnet.features(again, images[:8]))
   with pytest.raises(ValueError, match="npz"):
     shapesnet.load(str(tmp_path / "weights.pth"))
+
+
+# -- Inception (FID network) from a local weights file -------------------------------
+
+def _random_inception_weights(seed=0):
+  rng = np.random.default_rng(seed)
+  weights = {}
+  for key, shape in inception.required_keys().items():
+    if key.endswith("conv.weight"):
+      weights[key] = (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
+    elif key.endswith(("bn.weight", "running_var")):
+      weights[key] = np.ones(shape, np.float32)
+    else:
+      weights[key] = np.zeros(shape, np.float32)
+  return weights
+
+
+def test_inception_loads_safetensors_and_gives_2048_features(tmp_path):
+  from safetensors.numpy import save_file
+  weights = _random_inception_weights()
+  assert sum(int(np.prod(v.shape)) for v in weights.values()) == 21_820_000  # pytorch-fid's network sans fc
+  path = str(tmp_path / "inception.safetensors")
+  save_file(weights, path)
+  loaded = inception.load_weights(path)
+  images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+  feats = inception.features(loaded, images, side=75)
+  assert feats.shape == (3, 2048) and np.isfinite(feats).all() and feats.std() > 0
+  assert fd.frechet_distance_of_features(feats, feats) == pytest.approx(0.0, abs=1e-6)
+  broken = dict(weights)
+  broken["Mixed_7c.branch_pool.conv.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+  np.savez(str(tmp_path / "broken.npz"), **broken)
+  with pytest.raises(ValueError, match="Mixed_7c.branch_pool.conv.weight"):
+    inception.load_weights(str(tmp_path / "broken.npz"))
+  with pytest.raises(ValueError, match="never unpickles"):
+    inception.load_weights(str(tmp_path / "pt_inception.pth"))
+
+
+def test_inception_average_pool_excludes_padding():
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  got = np.asarray(inception._avg_pool_same(x))[0, :, :, 0]
+  ref = np.array([[np.mean(np.arange(16.0).reshape(4, 4)[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2])
+                   for j in range(4)] for i in range(4)])
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
