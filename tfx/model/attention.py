@@ -1,0 +1,134 @@
+"""Transfusion attention: the mask as (segment, horizon) data, a dense kernel, and the KV cache.
+
+The mask, per query i and key j (indices into the sequence):
+
+    visible(i, j) = segment[i] == segment[j] != 0  and  j <= horizon[i]
+
+with horizon[i] = i for a text position and the index of the last patch of
+its image for an image patch. So text is causal, the patches of one image see
+each other (and everything before the image), and nothing crosses packed
+segments or touches padding (segment 0). On CPU this becomes a dense [L, S]
+boolean mask; an accelerator kernel can use the same two vectors to skip blocks.
+
+KV cache (for generation; training passes cache=None):
+
+    cache = model.init_cache(batch_size, max_len)          # empty, length 0
+    logits, patch_out, cache = model(prefix_batch, t, cache=cache)
+
+A call with a cache places its L new positions at sequence indices
+[cache.length, cache.length + L), writes their keys/values there and attends
+over [cached prefix ; themselves] with the rule above in those absolute
+indices (every cached key precedes every new query, so only the segment test
+matters for them). The returned cache has length + L. Calls are pure: to
+denoise an image against a fixed prefix, call the model on the image's n
+patches with the SAME prefix cache at every step and drop the returned cache;
+commit the image (one more call on its final patches) only when it is done.
+A chunk must hold whole images (an image never straddles the cache boundary).
+RoPE uses the batch's `positions`, so rows may be left-padded with segment 0.
+"""
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tfx import mesh, record
+from tfx.model import layers
+
+_NEG = -1e30
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of committed positions for every layer, and their segments."""
+  k_NBSGK: jax.Array         # [layers, batch, max_len, kv_heads, head_dim]
+  v_NBSGK: jax.Array
+  segment_ids_BS: jax.Array  # int32 [batch, max_len]; 0 = empty slot
+  length: jax.Array          # int32 scalar: committed positions
+
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids_BS.shape[1]
+
+
+def init_cache(n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> KVCache:
+  """An empty cache with room for `max_len` positions."""
+  shape = (n_layers, batch_size, max_len, n_kv_heads, head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                 jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def horizon(image_ids_BL, modality_BL):
+  """Per-query horizon (local index): i on text, the last index of its image on a patch."""
+  L = image_ids_BL.shape[-1]
+  idx_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), image_ids_BL.shape)
+  is_image_BL = modality_BL == record.IMAGE
+  next_ids_BL = jnp.concatenate([image_ids_BL[:, 1:], jnp.zeros_like(image_ids_BL[:, :1])], axis=1)
+  next_image_BL = jnp.concatenate([is_image_BL[:, 1:], jnp.zeros_like(is_image_BL[:, :1])], axis=1)
+  is_last_BL = is_image_BL & ~(next_image_BL & (next_ids_BL == image_ids_BL))
+  last_BL = jax.lax.cummin(jnp.where(is_last_BL, idx_BL, L), axis=1, reverse=True)
+  return jnp.where(is_image_BL, last_BL, idx_BL)
+
+
+def dense_mask(q_segment_BL, q_horizon_BL, k_segment_BS):
+  """mask_BLS[b, i, s] = visible(i, s); key s's index is s, query horizons are absolute."""
+  S = k_segment_BS.shape[-1]
+  same_BLS = (q_segment_BL[:, :, None] == k_segment_BS[:, None, :]) & (q_segment_BL[:, :, None] != 0)
+  return same_BLS & (jnp.arange(S)[None, None, :] <= q_horizon_BL[:, :, None])
+
+
+def dot_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS):
+  """Softmax attention with grouped KV heads; rows with no visible key give zeros."""
+  B, L, H, K = q_BLHK.shape
+  G = k_BSGK.shape[2]
+  q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+  scores_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK,
+                            preferred_element_type=jnp.float32) * (K ** -0.5)
+  mask_B11LS = mask_BLS[:, None, None]
+  scores_BGRLS = jnp.where(mask_B11LS, scores_BGRLS, _NEG)
+  probs_BGRLS = jax.nn.softmax(scores_BGRLS, axis=-1)
+  probs_BGRLS = jnp.where(mask_B11LS.any(-1, keepdims=True), probs_BGRLS, 0.0)
+  out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS.astype(v_BSGK.dtype), v_BSGK)
+  return out_BLGRK.reshape(B, L, H, K)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE and optional QK-norm."""
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qk_norm: bool,
+               rope_theta: float, norm_eps: float, rngs: nnx.Rngs, dtype=jnp.float32):
+    if n_heads % n_kv_heads:
+      raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    self.q = layers.Dense((d_model,), (n_heads, head_dim), ("embed", "heads", "head_dim"),
+                          rngs=rngs, dtype=dtype)
+    self.k = layers.Dense((d_model,), (n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                          rngs=rngs, dtype=dtype)
+    self.v = layers.Dense((d_model,), (n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                          rngs=rngs, dtype=dtype)
+    self.o = layers.Dense((n_heads, head_dim), (d_model,), ("heads", "head_dim", "embed"),
+                          rngs=rngs, dtype=dtype)
+    self.q_norm = layers.RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
+    self.k_norm = layers.RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
+    self.rope_theta = rope_theta
+
+  def __call__(self, x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache=None):
+    """Returns (out_BLD, (k, v)); with layer_cache=(k_BSGK, v_BSGK, segment_BS, offset) the new
+    keys/values are written at `offset` and the full updated buffers are returned."""
+    q_BLHK = self.q(x_BLD)
+    k_BLGK = self.k(x_BLD)
+    v_BLGK = self.v(x_BLD)
+    if self.q_norm is not None:
+      q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
+    q_BLHK = layers.rope(q_BLHK, positions_BL, self.rope_theta)
+    k_BLGK = layers.rope(k_BLGK, positions_BL, self.rope_theta)
+    q_BLHK = mesh.constrain(q_BLHK, ("act_batch", "act_len", "act_heads", "act_kv"))
+    if layer_cache is None:
+      k_BSGK, v_BSGK, k_segment_BS, offset = k_BLGK, v_BLGK, segment_BL, 0
+    else:
+      k_cache, v_cache, k_segment_BS, offset = layer_cache
+      k_BSGK = jax.lax.dynamic_update_slice(k_cache, k_BLGK.astype(k_cache.dtype), (0, offset, 0, 0))
+      v_BSGK = jax.lax.dynamic_update_slice(v_cache, v_BLGK.astype(v_cache.dtype), (0, offset, 0, 0))
+    mask_BLS = dense_mask(segment_BL, horizon_BL + offset, k_segment_BS)
+    out_BLHK = dot_attention(q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype), mask_BLS)
+    return self.o(out_BLHK), (k_BSGK, v_BSGK)
+

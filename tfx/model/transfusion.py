@@ -1,0 +1,140 @@
+"""The Transfusion model: text embedding + modality layers -> Llama-style decoder -> LM head + image head."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tfx import mesh, record
+from tfx.model import attention, layers, modality
+
+_ACT = ("act_batch", "act_len", "act_embed")
+
+
+def dims(config) -> dict:
+  """Resolved head_dim and mlp_dim (0 in the config means 'derive')."""
+  m = config.model
+  head_dim = m.head_dim or m.d_model // m.n_heads
+  mlp_dim = m.mlp_dim or 64 * -(-(8 * m.d_model // 3) // 64)
+  return dict(head_dim=head_dim, mlp_dim=mlp_dim)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)); x + swiglu(norm(x))."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    m, d = config.model, dims(config)
+    dtype = layers.compute_dtype(m.dtype)
+    self.attn_norm = layers.RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs)
+    self.attn = attention.Attention(m.d_model, m.n_heads, m.n_kv_heads, d["head_dim"], qk_norm=m.qk_norm,
+                                    rope_theta=m.rope_theta, norm_eps=m.norm_eps, rngs=rngs, dtype=dtype)
+    self.mlp_norm = layers.RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs)
+    self.mlp = layers.SwiGLU(m.d_model, d["mlp_dim"], rngs=rngs, dtype=dtype)
+
+  def __call__(self, x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache=None):
+    h_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, segment_BL, horizon_BL, layer_cache)
+    x_BLD = mesh.constrain(x_BLD + h_BLD, _ACT)
+    x_BLD = mesh.constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), _ACT)
+    return x_BLD, kv
+
+
+def _remat_policy(name: str):
+  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+  if name not in policies:
+    raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {name!r}")
+  return policies[name]
+
+
+def _block_step(block, x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache):
+  return block(x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache)
+
+
+class Transfusion(nnx.Module):
+  """One transformer over mixed text tokens and image patches (see tfx/model/attention.py)."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    m = config.model
+    self.dtype = layers.compute_dtype(m.dtype)
+    self.n_layers, self.n_kv_heads = m.n_layers, m.n_kv_heads
+    self.head_dim = dims(config)["head_dim"]
+    self.scan_layers = bool(m.scan_layers)
+    self.remat = m.remat
+    if self.remat != "none":
+      _remat_policy(self.remat)
+    self.embed = layers.Embed(m.vocab_size, m.d_model, rngs=rngs, dtype=self.dtype)
+    self.patches = modality.build(config, rngs=rngs, dtype=self.dtype)
+    if self.scan_layers:
+      @nnx.split_rngs(splits=m.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(rngs):
+        return Block(config, rngs=rngs)
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(m.n_layers)])
+    self.final_norm = layers.RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs)
+    self.lm_head = (None if m.tie_embeddings else
+                    layers.Dense((m.d_model,), (m.vocab_size,), ("embed", "vocab"), rngs=rngs,
+                                 dtype=self.dtype))
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> attention.KVCache:
+    """An empty KV cache for generation (protocol in tfx/model/attention.py)."""
+    return attention.init_cache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
+                                dtype or self.dtype)
+
+  def _step_fn(self):
+    if self.remat == "none":
+      return _block_step
+    return nnx.remat(_block_step, policy=_remat_policy(self.remat))
+
+  def _run_blocks(self, x_BLD, positions_BL, segment_BL, horizon_BL, cache):
+    step = self._step_fn()
+    if cache is None:
+      if self.scan_layers:
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def run(x, block):
+          return step(block, x, positions_BL, segment_BL, horizon_BL, None)[0]
+        return run(x_BLD, self.blocks), None
+      for block in self.blocks:
+        x_BLD = step(block, x_BLD, positions_BL, segment_BL, horizon_BL, None)[0]
+      return x_BLD, None
+
+    offset = cache.length
+    segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_BL.astype(jnp.int32),
+                                              (0, offset))
+    if self.scan_layers:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run(x, block, k_BSGK, v_BSGK):
+        x, kv = step(block, x, positions_BL, segment_BL, horizon_BL, (k_BSGK, v_BSGK, segment_BS, offset))
+        return x, kv
+      x_BLD, (k_N, v_N) = run(x_BLD, self.blocks, cache.k_NBSGK, cache.v_NBSGK)
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        x_BLD, (k, v) = step(block, x_BLD, positions_BL, segment_BL, horizon_BL,
+                             (cache.k_NBSGK[i], cache.v_NBSGK[i], segment_BS, offset))
+        ks.append(k)
+        vs.append(v)
+      k_N, v_N = jnp.stack(ks), jnp.stack(vs)
+    new_cache = attention.KVCache(k_N.astype(cache.k_NBSGK.dtype), v_N.astype(cache.v_NBSGK.dtype),
+                                  segment_BS, offset + segment_BL.shape[1])
+    return x_BLD, new_cache
+
+  def __call__(self, batch, t_BL, *, cache=None):
+    """(logits_BLV fp32, patch_out_BLP fp32, new_cache); batch fields per tfx/record.py."""
+    modality_BL = batch["modality"]
+    segment_BL, positions_BL = batch["segment_ids"], batch["positions"]
+    is_image_BL1 = (modality_BL == record.IMAGE)[..., None]
+    text_BLD = self.embed(batch["tokens"])
+    image_BLD, ctx = self.patches.encode(batch["patches"], t_BL, modality_BL)
+    x_BLD = jnp.where(is_image_BL1, image_BLD.astype(self.dtype), text_BLD)
+    x_BLD = mesh.constrain(x_BLD, _ACT)
+    horizon_BL = attention.horizon(batch["image_ids"], modality_BL)
+    x_BLD, new_cache = self._run_blocks(x_BLD, positions_BL, segment_BL, horizon_BL, cache)
+    x_BLD = self.final_norm(x_BLD)
+    if self.lm_head is None:
+      logits_BLV = self.embed.attend(x_BLD)
+    else:
+      logits_BLV = self.lm_head(x_BLD)
+    logits_BLV = mesh.constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+    patch_out_BLP = self.patches.decode(x_BLD, ctx)
+    return logits_BLV, patch_out_BLP, new_cache
