@@ -1,0 +1,150 @@
+"""Training metrics: JSONL + TensorBoard writers, delayed fetch, MFU, NaN guard, progress line."""
+import json
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+
+# Dense bf16 peak FLOP/s per chip, by device_kind substring (first match wins).
+PEAK_FLOPS_PER_DEVICE = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 197e12),   # v5e / "TPU v5 lite"
+    ("TPU v4", 275e12),
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf."""
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """The device's peak FLOP/s from the table, or None when unknown (e.g. CPU)."""
+  kind = getattr(device, "device_kind", "")
+  return next((flops for name, flops in PEAK_FLOPS_PER_DEVICE if name in kind), None)
+
+
+def check_finite(step: int, metrics: dict) -> None:
+  """Raises NonFiniteLossError naming the step when the loss is NaN or Inf."""
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"loss is {loss} at step {step}; stopping (the last checkpoint before it is intact). "
+        "Lower optim.lr, raise optim.warmup_steps or check the data.")
+
+
+class DelayedFetch:
+  """Holds step s's device metrics and hands back step s-1's as host floats.
+
+  Fetching the previous step's values lets the device run step s while the host
+  logs s-1, so the host never waits on the step it just dispatched.
+  """
+
+  def __init__(self):
+    self._pending = None
+
+  def push(self, step: int, metrics: dict) -> tuple[int, dict] | None:
+    previous, self._pending = self._pending, (step, metrics)
+    return None if previous is None else (previous[0], to_host(previous[1]))
+
+  def flush(self) -> tuple[int, dict] | None:
+    previous, self._pending = self._pending, None
+    return None if previous is None else (previous[0], to_host(previous[1]))
+
+
+def to_host(metrics: dict) -> dict:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+class Throughput:
+  """Tokens/s and MFU over the interval since the last call."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float | None, num_devices: int,
+               device: jax.Device):
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    peak = peak_flops(device)
+    self.peak_total = peak * num_devices if peak else None
+    self._last = None
+
+  def update(self, step: int) -> dict:
+    now, out = time.perf_counter(), {}
+    if self._last is not None and step > self._last[0]:
+      seconds = now - self._last[1]
+      steps = step - self._last[0]
+      out["steps_per_sec"] = steps / seconds
+      out["tokens_per_sec"] = steps * self.tokens_per_step / seconds
+      if self.flops_per_token and self.peak_total:
+        out["mfu"] = out["tokens_per_sec"] * self.flops_per_token / self.peak_total
+    self._last = (step, now)
+    return out
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and to TensorBoard."""
+
+  def __init__(self, workdir, *, enabled: bool = True):
+    self.enabled = enabled
+    self.path = epath.Path(workdir) / METRICS_FILE
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+  def drop_after(self, step: int) -> None:
+    """Removes records past `step` (left by a run killed after its last checkpoint)."""
+    if not self.enabled or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+      self.path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in metrics.items():
+      self._tb.add_scalar(f"train/{key}", float(value), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+  """All records of WORKDIR/metrics.jsonl in order."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+  """A one-line progress report: step, loss, steps/s and ETA."""
+
+  def __init__(self, total_steps: int, *, enabled: bool = True, stream=sys.stderr):
+    self.total_steps, self.enabled, self.stream = total_steps, enabled, stream
+
+  def report(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    rate = metrics.get("steps_per_sec")
+    eta = _format_seconds((self.total_steps - step) / rate) if rate else "?"
+    rate_text = f"{rate:.2f}" if rate else "?"
+    print(f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
+          f"{rate_text} steps/s  ETA {eta}", file=self.stream, flush=True)
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,193 @@
+"""The training loop: data -> state -> restore -> step / log / save, until total_steps."""
+import contextlib
+import os
+import signal
+import threading
+from typing import Callable
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from tfx import checkpoint as ckpt_lib
+from tfx import mesh as mesh_lib
+from tfx import metrics as metrics_lib
+from tfx import optim
+from tfx import state as state_lib
+from tfx import step as step_lib
+
+
+class ConfigError(ValueError):
+  """Bad user input found before anything is compiled or written."""
+
+
+def resolve(config):
+  """The config with its model preset applied (what config.json records)."""
+  from tfx.model import presets
+  return presets.resolve(config)
+
+
+def data_parallel_size(mesh) -> int:
+  """How many ways the batch is split (every axis `act_batch` maps to)."""
+  axes = mesh_lib.logical_to_spec(("act_batch",))[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def validate(config, workdir) -> jax.sharding.Mesh:
+  """Checks the config against the devices and the workdir; returns the mesh. Writes nothing."""
+  for key in ("total_steps", "global_batch_size", "seq_len"):
+    if config[key] <= 0:
+      raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+  for key in ("checkpoint_every_steps", "log_every_steps", "stop_after_step"):
+    if config[key] < 0:
+      raise ConfigError(f"config.{key} must be >= 0, got {config[key]}")
+  mesh = mesh_lib.make_mesh(config.mesh)  # raises MeshError
+  dp = data_parallel_size(mesh)
+  if config.global_batch_size % dp:
+    raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by the "
+                      f"data-parallel size {dp} (mesh data*fsdp = {dict(mesh.shape)})")
+  if config.global_batch_size % jax.process_count():
+    raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes")
+  _check_workdir_writable(workdir)
+  try:
+    ckpt_lib.check_resumable(workdir, config)
+  except ckpt_lib.IncompatibleCheckpointError as e:
+    raise ConfigError(str(e)) from None
+  return mesh
+
+
+def _check_workdir_writable(workdir) -> None:
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_probe_{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """Yields an Event set on SIGTERM (preemption), so the loop can save and exit cleanly."""
+  event = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield event
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+  try:
+    yield event
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _global_batch(local: dict, shardings: dict) -> dict:
+  """This host's numpy batch -> global jax arrays laid out as `shardings`."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in local.items()}
+
+
+def _flops_per_token(config) -> float | None:
+  if metrics_lib.peak_flops(jax.devices()[0]) is None:
+    return None  # MFU is only reported where the device peak is known
+  from tfx.model import flops
+  return float(flops.report(config)["flops_per_token"])
+
+
+def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callable | None = None,
+        make_iterator: Callable | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
+
+  build_model / loss_fn / make_iterator default to tfx.model.build_model,
+  tfx.losses.transfusion_loss and tfx.data.pipeline.make_iterator.
+  """
+  if build_model is None:
+    from tfx.model import build_model
+    config = resolve(config)
+  if make_iterator is None:
+    from tfx.data.pipeline import make_iterator
+  mesh = validate(config, workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    ckpt_lib.save_config(workdir, config)
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
+
+
+def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator) -> dict:
+  tx = optim.make_optimizer(config)
+  factory = state_lib.StateFactory(config, tx, mesh, build_model)
+  iterator = make_iterator(config, split="train", process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start = checkpointer.latest_step()
+  if start is None:
+    state = factory.init()
+    start = 0
+  else:
+    target = factory.abstract_with_shardings().checkpoint_items()
+    items = checkpointer.restore(start, target, iterator)
+    state = factory.init_rest().replace_from_checkpoint(items)
+    logging.info("resumed from the checkpoint at step %d", start)
+  stop = min(config.stop_after_step or config.total_steps, config.total_steps)
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
+  writer.drop_after(start)
+  progress = metrics_lib.Progress(config.total_steps, enabled=is_chief)
+  throughput = metrics_lib.Throughput(config.global_batch_size * config.seq_len,
+                                      _flops_per_token(config), jax.device_count(), jax.devices()[0])
+  throughput.update(start)
+  delayed = metrics_lib.DelayedFetch()
+  train_step = None
+  last = {}
+
+  def handle(fetched):
+    nonlocal last
+    step, values = fetched
+    metrics_lib.check_finite(step, values)
+    if not np.isfinite(values.get("grad_norm", 0.0)):
+      raise metrics_lib.NonFiniteLossError(f"gradient norm is not finite at step {step}; stopping")
+    last = {"step": step, **values}
+    if step % max(config.log_every_steps, 1) == 0 or step == stop or step == start + 1:
+      values = {**values, **throughput.update(step)}
+      writer.write(step, values)
+      progress.report(step, values)
+
+  try:
+    with _sigterm_flag() as preempted:
+      for step in range(start, stop):
+        local = next(iterator)
+        if train_step is None:
+          shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
+          train_step = step_lib.jit_train_step(
+              step_lib.train_step_fn(config, factory.graphdef, tx, loss_fn),
+              factory.shardings, shardings)
+        state, step_metrics = train_step(state, _global_batch(local, shardings))
+        done = step + 1
+        fetched = delayed.push(done, step_metrics)
+        if fetched:
+          handle(fetched)
+        stopping = preempted.is_set() or (jax.process_count() > 1 and checkpointer.reached_preemption(done))
+        every = config.checkpoint_every_steps
+        if done == stop or stopping or (every and done % every == 0):
+          fetched = delayed.flush()  # never save a state whose step went non-finite
+          if fetched:
+            handle(fetched)
+          checkpointer.save(done, state.checkpoint_items(), iterator)
+        if stopping:
+          logging.warning("SIGTERM: saved the checkpoint at step %d and stopping", done)
+          break
+      fetched = delayed.flush()
+      if fetched:
+        handle(fetched)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  if not last:
+    previous = metrics_lib.read_metrics(workdir)
+    last = previous[-1] if previous else {"step": start}
+  return last
