@@ -52,6 +52,15 @@ def default() -> ml_collections.ConfigDict:
   ae.downsample = 1                  # pixels per latent cell along each side (1 for pixels)
   ae.scaling_factor = 1.0            # latents are multiplied by this before diffusion
   ae.shift_factor = 0.0              # ... after subtracting this
+  ae.vae_channels = (16, 32, 64)     # tfx VAE block widths; downsample = 2 ** (len - 1)
+  ae.vae_layers_per_block = 1        # tfx VAE ResNet blocks per encoder level (decoder: +1)
+  ae.vae_norm_groups = 8             # tfx VAE GroupNorm groups
+  ae.vae_mid_attention = True        # tfx VAE self-attention in the mid blocks
+  ae.kl_weight = 1e-6                # tfx VAE KL weight vs the per-pixel L1+L2 loss (SD's scale)
+  ae.train_steps = 3000              # tfx.train_autoencoder optimizer steps
+  ae.train_batch_size = 32           # tfx.train_autoencoder images per step (all hosts)
+  ae.train_lr = 1e-3                 # tfx.train_autoencoder peak Adam learning rate (cosine decay)
+  ae.eval_images = 1000              # test images for PSNR and the shapes scorer after training
 
   # -- diffusion ------------------------------------------------------------
   c.diffusion = d = ml_collections.ConfigDict()
@@ -63,6 +72,8 @@ def default() -> ml_collections.ConfigDict:
   d.sampler = "ddim"                 # "ddim" or "ddpm"
   d.sample_steps = 50                # denoising steps at inference
   d.cfg_scale = 3.0                  # classifier-free guidance scale at inference
+  d.loss_weighting = "none"          # per-image diffusion loss weight: "none" or "min_snr" (min(SNR, gamma) style)
+  d.min_snr_gamma = 5.0              # gamma of loss_weighting="min_snr"
 
   # -- data -----------------------------------------------------------------
   c.data = dt = ml_collections.ConfigDict()
@@ -77,6 +88,10 @@ def default() -> ml_collections.ConfigDict:
   dt.shuffle_buffer_seed = 0         # shuffle seed offset (added to c.seed)
   dt.worker_count = 0                # Grain worker processes (0 = in the main process)
   dt.prefetch = 2                    # batches prefetched ahead of the step
+  dt.shapes_train_size = 50000       # shapes images in the built-in train split
+  dt.shapes_eval_size = 1000         # shapes images in each of validation / test / heldout
+  dt.tokenizer_vocab_size = 1024     # vocab of the default SentencePiece model (<= model.vocab_size)
+  dt.max_caption_tokens = 64         # captions are cut to this many tokens
 
   # -- optimizer (AdamW, warmup + cosine; paper defaults) -------------------
   c.optim = o = ml_collections.ConfigDict()

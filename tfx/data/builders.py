@@ -1,0 +1,122 @@
+"""tfds datasets (array_record, no TensorFlow) that tfx writes and reads.
+
+Feature names, shared by every image-caption dataset (built-in shapes, datasets
+from `python -m tfx.data.prepare`, and latent caches written by the autoencoder):
+  caption   Text                      the caption (utf-8)
+  image     uint8 [R, R, 3] (zlib)    pixels, for autoencoder.kind == "pixels"
+  latent    float32 [h, w, c]         autoencoder latents (raw, before shift/scale),
+                                      written instead of `image` by a latent cache
+  spec      Text                      shapes only: the scene as JSON (shapes.Spec)
+Text datasets hold one feature:
+  text      Text                      one document
+
+A dataset is any folder holding one tfds version directory (dataset_info.json);
+`write_dataset` makes one, `open_split` reads a split as a random-access source.
+"""
+import os
+from typing import Callable, Iterable
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+Examples = Callable[[], Iterable[tuple[str, dict]]]
+
+
+class _ArrayRecordDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A tfds builder whose features and split examples are given at construction."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # No download checksums to look up; tfds' lookup would need importlib_resources.
+  code_path = None
+
+  def __init__(self, *, features: tfds.features.FeaturesDict, split_examples: dict[str, Examples],
+               description: str = "", **kwargs):
+    self._features = features
+    self._split_examples = split_examples
+    self._description = description
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=self._features, description=self._description)
+
+  def _split_generators(self, dl_manager):
+    return {name: self._generate_examples(name) for name in self._split_examples}
+
+  def _generate_examples(self, split: str):
+    yield from self._split_examples[split]()
+
+
+class Shapes(_ArrayRecordDataset, skip_registration=True):
+  """The procedural shapes dataset (tfx.data.shapes)."""
+
+
+class PydocTopics(_ArrayRecordDataset, skip_registration=True):
+  """Prose of Python's pydoc topics (tfx.data.text_corpus)."""
+
+
+class ImageText(_ArrayRecordDataset, skip_registration=True):
+  """Image-caption pairs prepared from user data, or their cached latents."""
+
+
+def image_text_features(*, resolution: int | None = None, latent_shape: tuple[int, int, int] | None = None,
+                        with_spec: bool = False) -> tfds.features.FeaturesDict:
+  """Features of an image-caption dataset: pixels at `resolution` or latents of `latent_shape`."""
+  if (resolution is None) == (latent_shape is None):
+    raise ValueError("give exactly one of resolution (pixels) or latent_shape (latents)")
+  f = {"caption": tfds.features.Text()}
+  if resolution is not None:
+    f["image"] = tfds.features.Tensor(shape=(resolution, resolution, 3), dtype=np.uint8, encoding="zlib")
+  else:
+    f["latent"] = tfds.features.Tensor(shape=tuple(latent_shape), dtype=np.float32)
+  if with_spec:
+    f["spec"] = tfds.features.Text()
+  return tfds.features.FeaturesDict(f)
+
+
+def text_features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({"text": tfds.features.Text()})
+
+
+def write_dataset(builder_cls: type, out_dir: str, features: tfds.features.FeaturesDict,
+                  split_examples: dict[str, Examples], *, config_name: str | None = None,
+                  description: str = "") -> str:
+  """Writes the splits as array_record files under `out_dir`; returns the version dir.
+
+  Each split is a callable returning (unique key, example) pairs. tfds writes into
+  a temporary directory and renames it at the end, so readers never see half a dataset.
+  """
+  tfds.disable_progress_bar()
+  config = tfds.core.BuilderConfig(name=config_name) if config_name else None
+  builder = builder_cls(features=features, split_examples=split_examples, description=description,
+                        data_dir=out_dir, config=config)
+  builder.download_and_prepare(download_dir=os.path.join(out_dir, ".downloads"))
+  return os.fspath(builder.data_dir)
+
+
+def find_dataset_dir(path: str) -> str:
+  """The tfds version directory inside `path` (itself, or exactly one below it)."""
+  path = os.path.expanduser(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"dataset directory does not exist: {path}")
+  found = sorted(root for root, _, files in os.walk(path)
+                 if "dataset_info.json" in files and not os.path.basename(root).startswith("incomplete"))
+  if not found:
+    raise FileNotFoundError(f"no tfds dataset (dataset_info.json) under {path}; "
+                            "make one with `python -m tfx.data.prepare`")
+  if len(found) > 1:
+    raise ValueError(f"{path} holds several datasets ({', '.join(found)}); point at one of them")
+  return found[0]
+
+
+def open_split(path: str, split: str):
+  """A random-access source (len, [i] -> dict of numpy/bytes) for one split of a dataset dir."""
+  builder = tfds.builder_from_directory(find_dataset_dir(path))
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {path} has no split {split!r} (has {sorted(builder.info.splits)})")
+  return builder.as_data_source(split=split)
+
+
+def feature_names(path: str) -> set[str]:
+  """Top-level feature names of a dataset dir."""
+  builder = tfds.builder_from_directory(find_dataset_dir(path))
+  return set(builder.info.features.keys())

@@ -1,0 +1,123 @@
+"""The embedded datasets and default tokenizer: built on first use under config.data.data_dir.
+
+Layout (data_dir defaults to ~/tensorflow_datasets):
+  shapes/n{train}_e{eval}/1.0.0/         splits train, validation, test, heldout
+  pydoc_topics/1.0.0/                    splits train, validation
+  tfx_tokenizer/v{vocab}/tokenizer.model
+A file lock makes concurrent processes build each thing once; tfds and the
+tokenizer writer publish by rename, so a reader never sees half a file.
+"""
+import contextlib
+import fcntl
+import os
+import time
+
+import numpy as np
+
+from tfx.data import builders, shapes, text_corpus, tokenizer
+
+SHAPES = "shapes"
+PYDOC = "pydoc_topics"
+_SHAPES_SEED = 1234          # the dataset is a fixed artifact, independent of config.seed
+_TOKENIZER_CAPTIONS = 5000   # grammar captions mixed into the tokenizer's training text
+
+
+def data_dir(config) -> str:
+  return os.path.expanduser(config.data.data_dir or "~/tensorflow_datasets")
+
+
+@contextlib.contextmanager
+def _locked(root: str):
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".tfx_prepare.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _shape_examples(split: str, n: int):
+  def gen():
+    split_index = ["train", "validation", "test", "heldout"].index(split)
+    for i in range(n):
+      rng = np.random.default_rng([_SHAPES_SEED, split_index, i])
+      spec = shapes.sample_heldout_spec(rng) if split == "heldout" else shapes.sample_spec(rng)
+      yield f"{split}-{i:08d}", {"image": shapes.render(spec), "caption": shapes.caption(spec),
+                                 "spec": spec.to_json()}
+  return gen
+
+
+def shapes_dir(config) -> str:
+  """The shapes dataset for config.data sizes, built if missing."""
+  d = config.data
+  name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}"
+  root = os.path.join(data_dir(config), SHAPES, name)
+  if os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
+    return root
+  with _locked(data_dir(config)):
+    if not os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
+      t0 = time.time()
+      sizes = {"train": d.shapes_train_size, "validation": d.shapes_eval_size,
+               "test": d.shapes_eval_size, "heldout": d.shapes_eval_size}
+      builders.write_dataset(
+          builders.Shapes, data_dir(config),
+          builders.image_text_features(resolution=shapes.SIZE, with_spec=True),
+          {s: _shape_examples(s, n) for s, n in sizes.items() if n > 0}, config_name=name,
+          description="Procedural shapes (tfx.data.shapes); heldout holds colour-shape pairs absent from train.")
+      print(f"tfx.data: built shapes {name} in {time.time() - t0:.1f}s under {root}", flush=True)
+  return root
+
+
+def _text_examples(split: str):
+  def gen():
+    for key, text in text_corpus.documents():
+      if text_corpus.split_of(key) == split:
+        yield key, {"text": text}
+  return gen
+
+
+def pydoc_dir(config) -> str:
+  """The pydoc topics text dataset, built if missing."""
+  root = os.path.join(data_dir(config), PYDOC)
+  if os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
+    return root
+  with _locked(data_dir(config)):
+    if not os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
+      builders.write_dataset(builders.PydocTopics, data_dir(config), builders.text_features(),
+                             {s: _text_examples(s) for s in ("train", "validation")},
+                             description="English prose of Python's pydoc_data.topics.")
+  return root
+
+
+def ensure_tokenizer(config) -> str:
+  """Path of the default tokenizer (pydoc prose + shapes captions), trained if missing."""
+  vocab = config.data.tokenizer_vocab_size
+  path = os.path.join(data_dir(config), "tfx_tokenizer", f"v{vocab}", "tokenizer.model")
+  if os.path.exists(path):
+    return path
+  with _locked(data_dir(config)):
+    if not os.path.exists(path):
+      rng = np.random.default_rng(_SHAPES_SEED)
+      texts = [t for k, t in text_corpus.documents() if text_corpus.split_of(k) == "train"]
+      texts += shapes.grammar_captions(rng, _TOKENIZER_CAPTIONS)
+      proto = tokenizer.train_model(texts, vocab)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = f"{path}.tmp{os.getpid()}"
+      with open(tmp, "wb") as f:
+        f.write(proto)
+      os.replace(tmp, path)
+  return path
+
+
+def resolve(config, name: str) -> str:
+  """A data source name from the config -> its dataset directory (built-ins built on demand)."""
+  if name == SHAPES:
+    return shapes_dir(config)
+  if name == PYDOC:
+    return pydoc_dir(config)
+  path = os.path.expanduser(name)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"data source {name!r} is neither a built-in ({SHAPES}, {PYDOC}) "
+                            f"nor an existing directory")
+  return path

@@ -1,0 +1,152 @@
+"""The Grain input pipeline: sources -> host slice -> shuffle/repeat -> examples -> mix -> pack -> batch.
+
+Everything up to mixing is a MapDataset (random access, index-seeded randomness),
+so the iterator state is small and exactly restorable; packing keeps the one
+example it is in the middle of as (parent state, offset). Each host reads the
+disjoint slice [process_index::process_count] of every source.
+"""
+import jax
+import grain
+import numpy as np
+from PIL import Image
+
+from tfx import patching
+from tfx.data import builders, builtin, examples, packing, tokenizer as tokenizer_lib
+
+
+def _center_square(image: np.ndarray) -> np.ndarray:
+  h, w = image.shape[:2]
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  return image[top:top + s, left:left + s]
+
+
+def pixels_to_model(image: np.ndarray, resolution: int) -> np.ndarray:
+  """uint8 [H, W, 3] (any size) -> float32 [R, R, 3] in [-1, 1], center-cropped and resized."""
+  image = _center_square(np.asarray(image))
+  if image.shape[0] != resolution:
+    resample = Image.Resampling.BOX if image.shape[0] > resolution else Image.Resampling.BICUBIC
+    image = np.asarray(Image.fromarray(image).resize((resolution, resolution), resample))
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+class _ImageTextToExample:
+  """A source record (caption + image or latent) -> a packed-ready example, randomly ordered."""
+
+  def __init__(self, config, tok, has_latent: bool):
+    self.tok = tok
+    self.k = config.image.patch_size
+    self.resolution = config.image.resolution
+    self.use_latent = has_latent
+    ae = config.autoencoder
+    self.latent_side = config.image.resolution // ae.downsample
+    self.latent_channels = ae.latent_channels
+    self.shift, self.scale = ae.shift_factor, ae.scaling_factor
+    d = config.data
+    self.caption_first_fraction, self.caption_dropout = d.caption_first_fraction, d.caption_dropout
+    self.max_caption_tokens = d.max_caption_tokens
+
+  def grid(self, ex) -> np.ndarray:
+    if not self.use_latent:
+      return pixels_to_model(ex["image"], self.resolution)
+    latent = np.asarray(ex["latent"], np.float32)
+    want = (self.latent_side, self.latent_side, self.latent_channels)
+    if latent.shape != want:
+      raise ValueError(f"cached latent has shape {latent.shape}, config expects {want} "
+                       "(image.resolution // autoencoder.downsample, autoencoder.latent_channels)")
+    return (latent - self.shift) * self.scale
+
+  def __call__(self, ex, rng: np.random.Generator):
+    text = ex["caption"]
+    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    ids = self.tok.encode(text)[:self.max_caption_tokens]
+    caption_first = bool(rng.random() < self.caption_first_fraction)
+    if caption_first and rng.random() < self.caption_dropout:
+      ids = []
+    return examples.image_text_example(ids, patching.patchify(self.grid(ex), self.k), self.tok,
+                                       caption_first=caption_first)
+
+
+class _TextToExample:
+  def __init__(self, tok, patch_dim: int):
+    self.tok, self.patch_dim = tok, patch_dim
+
+  def __call__(self, ex):
+    text = ex["text"]
+    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    return examples.text_example(self.tok.encode(text), self.tok, self.patch_dim)
+
+
+def _check_image_source(config, path: str) -> bool:
+  """Whether the image-caption dataset at `path` is read as latents; errors on a mismatch."""
+  names = builders.feature_names(path)
+  pixels = config.autoencoder.kind == "pixels"
+  if pixels and "image" not in names:
+    raise ValueError(f"autoencoder.kind is 'pixels' but {path} holds no `image` feature "
+                     f"(features: {sorted(names)})")
+  if not pixels and "latent" not in names:
+    raise ValueError(f"autoencoder.kind is {config.autoencoder.kind!r} but {path} holds pixels, not "
+                     "`latent`: cache its latents first with the autoencoder's latent caching command "
+                     "(tfx.autoencoder) and point data.image_text at the cache")
+  return not pixels
+
+
+def _host_slice(ds: grain.MapDataset, process_index: int, process_count: int, what: str) -> grain.MapDataset:
+  if len(ds) < process_count:
+    raise ValueError(f"{what} has {len(ds)} examples, fewer than the {process_count} hosts reading it")
+  return ds[process_index::process_count]
+
+
+def make_dataset(config, *, split: str = "train", process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """This host's batches as a Grain IterDataset (see make_iterator)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if config.global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by "
+                     f"{process_count} hosts")
+  tok = tokenizer_lib.load(config)
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
+  d = config.data
+  patch_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
+  seed = config.seed + d.shuffle_buffer_seed
+  parts, weights = [], []
+  if d.image_text and d.image_text_weight > 0:
+    path = builtin.resolve(config, d.image_text)
+    use_latent = _check_image_source(config, path)
+    ds = _host_slice(grain.MapDataset.source(builders.open_split(path, split)),
+                     process_index, process_count, f"{d.image_text}[{split}]")
+    ds = ds.shuffle(seed=seed).repeat()
+    ds = ds.random_map(_ImageTextToExample(config, tok, use_latent), seed=seed + 1)
+    parts.append(ds)
+    weights.append(d.image_text_weight)
+  if d.text and d.text_weight > 0:
+    path = builtin.resolve(config, d.text)
+    ds = _host_slice(grain.MapDataset.source(builders.open_split(path, split)),
+                     process_index, process_count, f"{d.text}[{split}]")
+    ds = ds.shuffle(seed=seed + 2).repeat().map(_TextToExample(tok, patch_dim))
+    parts.append(ds)
+    weights.append(d.text_weight)
+  if not parts:
+    raise ValueError("no data: set data.image_text and/or data.text with a positive weight")
+  mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  packed = packing.PackIterDataset(mixed.to_iter_dataset(), seq_len=config.seq_len, pad_id=tok.pad_id,
+                                   max_images=config.image.max_images_per_seq)
+  batched = packed.batch(config.global_batch_size // process_count, drop_remainder=True)
+  if d.worker_count > 0:
+    batched = batched.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=d.worker_count, per_worker_buffer_size=max(d.prefetch, 1)))
+  return batched
+
+
+def make_iterator(config, *, split: str = "train", process_index: int | None = None,
+                  process_count: int | None = None) -> grain.DatasetIterator:
+  """A checkpointable iterator of this host's batches.
+
+  Each batch is a dict of numpy arrays per tfx/record.py with leading shape
+  [global_batch_size // process_count, seq_len]. Every split repeats forever
+  (take as many batches as needed); the order depends only on config.seed.
+  Built-in datasets and the default tokenizer are prepared on first use.
+  """
+  return iter(make_dataset(config, split=split, process_index=process_index, process_count=process_count))
