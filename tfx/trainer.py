@@ -25,7 +25,10 @@ class ConfigError(ValueError):
 def resolve(config):
   """The config with its model preset applied (what config.json records)."""
   from tfx.model import presets
-  return presets.resolve(config)
+  try:
+    return presets.resolve(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def data_parallel_size(mesh) -> int:
@@ -107,9 +110,9 @@ def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callab
   if build_model is None:
     from tfx.model import build_model
     config = resolve(config)
+  mesh = validate(config, workdir)
   if make_iterator is None:
     from tfx.data.pipeline import make_iterator
-  mesh = validate(config, workdir)
   is_chief = jax.process_index() == 0
   if is_chief:
     ckpt_lib.save_config(workdir, config)
