@@ -1,0 +1,33 @@
+"""The tfx KL-VAE for the embedded shapes data: 32 px images <-> 8x8x4 latents (f = 4).
+
+  python -m tfx.train_autoencoder --config=experiments/shapes_vae.py --workdir=/tmp/shapes_vae
+  python -m tfx.train_autoencoder --config=experiments/shapes_vae.py:tiny --workdir=/tmp/vae_tiny
+
+The run prints the autoencoder.* overrides (path, scaling and shift factors) to
+train a Transfusion model on its latents. "tiny" is a seconds-long smoke run.
+"""
+from tfx import config as tfx_config
+
+
+def get_config(arg: str = ""):
+  c = tfx_config.default()
+  ae = c.autoencoder
+  ae.kind = "vae"
+  ae.latent_channels = 4
+  ae.downsample = 4
+  ae.vae_channels = (16, 32, 64)
+  ae.vae_norm_groups = 8
+  c.image.patch_size = 2           # 8x8 latents -> 16 patches of 16 dims per image
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 500
+  if arg == "tiny":
+    ae.vae_channels = (8, 8, 8)
+    ae.vae_norm_groups = 4
+    ae.train_steps = 4
+    ae.train_batch_size = 8
+    ae.eval_images = 16
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 2
+  elif arg:
+    raise ValueError(f"experiments/shapes_vae.py: unknown argument {arg!r} (expected '' or 'tiny')")
+  return c
