@@ -154,7 +154,7 @@ def sample_spec(rng: np.random.Generator, combos=TRAIN_COMBOS, kind: str | None 
       n = int(rng.integers(2, 4))
       objs = []
       for _ in range(200):
-        o = _place(rng, c, s, 10, 18)
+        o = _place(rng, c, s, 12, 18)
         if all(_boxes_apart(o, p) for p in objs):
           objs.append(o)
           if len(objs) == n:
@@ -162,8 +162,8 @@ def sample_spec(rng: np.random.Generator, combos=TRAIN_COMBOS, kind: str | None 
       continue
     i, j = rng.choice(len(combos), size=2, replace=False)
     relation = RELATIONS[rng.integers(len(RELATIONS))]
-    a = _place(rng, *combos[i], 10, 20)
-    b = _place(rng, *combos[j], 10, 20)
+    a = _place(rng, *combos[i], 12, 20)
+    b = _place(rng, *combos[j], 12, 20)
     if _boxes_apart(a, b) and _relation_holds(a, b, relation, margin=6.0):
       return Spec(kind, (a, b), relation)
   raise RuntimeError(f"could not place a {kind} scene")
@@ -179,7 +179,7 @@ def sample_heldout_spec(rng: np.random.Generator) -> Spec:
   other = [cs for cs in COMBOS if cs != (spec.objects[0].color, spec.objects[0].shape)]
   for _ in range(1000):
     c, s = other[rng.integers(len(other))]
-    b = _place(rng, c, s, 10, 20)
+    b = _place(rng, c, s, 12, 20)
     if _boxes_apart(spec.objects[0], b) and _relation_holds(spec.objects[0], b, spec.relation, 6.0):
       return Spec("relation", (spec.objects[0], b), spec.relation)
   raise RuntimeError("could not place a held-out relation scene")

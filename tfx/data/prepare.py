@@ -1,0 +1,192 @@
+"""`python -m tfx.data.prepare --input=PATH --output=DIR`: your image-caption pairs -> a tfx dataset.
+
+PATH is a JSON-lines file of {"image": path, "caption": text} (image paths
+relative to the file), a webdataset tar shard as img2dataset writes them
+(`KEY.jpg` + `KEY.txt`), or a directory holding such files. Images of any size
+and mode become RGB, center-cropped and resized to --resolution. Unreadable or
+missing images and empty captions are skipped and counted. Train with
+`--config.data.image_text=DIR`.
+"""
+import argparse
+import dataclasses
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import zlib
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from tfx.data import builders
+
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclasses.dataclass
+class Counts:
+  written: int = 0
+  validation: int = 0
+  corrupt_images: int = 0
+  missing_images: int = 0
+  empty_captions: int = 0
+  bad_lines: int = 0
+
+  def summary(self) -> str:
+    return (f"prepared {self.written} pairs ({self.written - self.validation} train, "
+            f"{self.validation} validation); skipped: {self.corrupt_images} corrupt images, "
+            f"{self.missing_images} missing images, {self.empty_captions} empty captions, "
+            f"{self.bad_lines} bad lines")
+
+
+def to_square_rgb(data: bytes, resolution: int) -> np.ndarray:
+  """Decoded image bytes -> uint8 [R, R, 3]: RGB, center crop, resize. Raises on corrupt data."""
+  with Image.open(io.BytesIO(data)) as im:
+    im.load()
+    rgb = im.convert("RGB")
+  w, h = rgb.size
+  s = min(w, h)
+  left, top = (w - s) // 2, (h - s) // 2
+  rgb = rgb.crop((left, top, left + s, top + s))
+  return np.asarray(rgb.resize((resolution, resolution), Image.Resampling.BICUBIC), np.uint8)
+
+
+def _jsonl_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, str]]:
+  base = os.path.dirname(os.path.abspath(path))
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        image, caption = row["image"], row["caption"]
+      except (ValueError, KeyError, TypeError):
+        counts.bad_lines += 1
+        continue
+      image_path = os.path.join(base, os.path.expanduser(str(image)))
+      try:
+        with open(image_path, "rb") as fi:
+          data = fi.read()
+      except OSError:
+        data = None
+      yield f"{os.path.basename(path)}:{n}", data, str(caption)
+
+
+def _tar_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, str]]:
+  """(key, image bytes, caption) per KEY with an image and a .txt in the shard."""
+  images, captions = {}, {}
+  try:
+    with tarfile.open(path) as tar:
+      for member in tar:
+        if not member.isfile():
+          continue
+        key, ext = os.path.splitext(member.name)
+        ext = ext.lower()
+        if ext in _IMAGE_EXTS:
+          images[key] = tar.extractfile(member).read()
+        elif ext == ".txt":
+          captions[key] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+  except (tarfile.TarError, OSError) as e:
+    print(f"tfx.data.prepare: skipping unreadable tar {path}: {e}", file=sys.stderr)
+    return
+  for key in sorted(set(images) | set(captions)):
+    if key not in captions:
+      counts.bad_lines += 1      # an image without a caption file
+      continue
+    yield f"{os.path.basename(path)}:{key}", images.get(key), captions[key]
+
+
+def input_files(path: str) -> list[str]:
+  """The .jsonl / .tar files that PATH names (a file, or a directory of them)."""
+  if os.path.isdir(path):
+    names = sorted(os.listdir(path))
+    return [os.path.join(path, n) for n in names if n.endswith((".jsonl", ".tar"))]
+  if os.path.isfile(path):
+    return [path]
+  raise FileNotFoundError(f"input does not exist: {path}")
+
+
+def examples(path: str, resolution: int, validation_fraction: float, counts: Counts, split: str):
+  """(key, example) pairs of one split. The train pass looks at every pair and does the counting."""
+  tally = split == "train"
+  scratch = Counts()
+  for file in input_files(path):
+    read = _tar_pairs if file.endswith(".tar") else _jsonl_pairs
+    for key, data, caption in read(file, counts if tally else scratch):
+      in_val = zlib.crc32(key.encode()) % 10_000 < validation_fraction * 10_000
+      if not tally and not in_val:
+        continue
+      image, reason = None, None
+      if not caption.strip():
+        reason = "empty_captions"
+      elif data is None:
+        reason = "missing_images"
+      else:
+        try:
+          image = to_square_rgb(data, resolution)
+        except Exception:  # PIL raises many types for corrupt data
+          reason = "corrupt_images"
+      if tally:
+        if reason:
+          setattr(counts, reason, getattr(counts, reason) + 1)
+        else:
+          counts.written += 1
+          counts.validation += in_val
+      if image is not None and in_val == (split == "validation"):
+        yield key, {"image": image, "caption": caption.strip()}
+
+
+def prepare(input_path: str, output_dir: str, resolution: int, validation_fraction: float = 0.0) -> Counts:
+  """Writes the dataset under output_dir (which must not hold anything); returns the counts."""
+  if os.path.exists(output_dir) and os.listdir(output_dir):
+    raise FileExistsError(f"output directory {output_dir} is not empty; refusing to overwrite it")
+  files = input_files(input_path)
+  if not files:
+    raise ValueError(f"no .jsonl or .tar files in {input_path}")
+  counts = Counts()
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tfx_prepare_", dir=parent)
+  try:
+    splits = {"train": lambda: examples(input_path, resolution, validation_fraction, counts, "train")}
+    if validation_fraction > 0:
+      splits["validation"] = lambda: examples(input_path, resolution, validation_fraction, counts, "validation")
+    builders.write_dataset(builders.ImageText, tmp, builders.image_text_features(resolution=resolution),
+                           splits, description=f"Prepared from {os.path.abspath(input_path)}")
+    if counts.written == 0:
+      raise ValueError(f"no usable image-caption pair in {input_path} ({counts.summary()})")
+    if os.path.exists(output_dir):
+      os.rmdir(output_dir)   # empty, checked above
+    os.replace(tmp, output_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return counts
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m tfx.data.prepare", description=__doc__.splitlines()[0])
+  p.add_argument("--input", required=True, help="JSON-lines file, webdataset .tar, or a directory of them")
+  p.add_argument("--output", required=True, help="new (or empty) directory for the dataset")
+  p.add_argument("--resolution", type=int, default=256, help="side of the stored square images")
+  p.add_argument("--validation_fraction", type=float, default=0.0, help="share of pairs held out as validation")
+  args = p.parse_args(argv)
+  if args.resolution < 8:
+    p.error(f"--resolution must be >= 8, got {args.resolution}")
+  if not 0.0 <= args.validation_fraction < 1.0:
+    p.error(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
+  try:
+    counts = prepare(args.input, args.output, args.resolution, args.validation_fraction)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"tfx.data.prepare: error: {e}", file=sys.stderr)
+    return 2
+  print(counts.summary())
+  print(f"dataset written to {args.output}; train with --config.data.image_text={args.output}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
