@@ -1,0 +1,525 @@
+"""The inference engine: KV-cached text decoding and image denoising against a cached prefix.
+
+Text is decoded one token at a time against a KV cache (tfx/model/attention.py).
+An image is `BOI, n patches, EOI`: after BOI the prefix's keys/values stay in
+the cache and every denoising step runs only the image's n positions against
+it, all steps inside one jitted `lax.fori_loop`. With guidance the
+unconditional branch (an empty caption: `BOS BOI`) is cached too and batched
+with the conditional one. Prompts in a batch are left-padded with segment 0,
+which the attention mask ignores.
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tfx import diffusion, patching, record
+
+# ---- images in and out --------------------------------------------------------------------------
+
+
+class ImageReadError(ValueError):
+  """A path that is not a readable PNG/JPEG image."""
+
+
+def load_image(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] from an image file; raises ImageReadError in one line."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"), np.uint8)
+  except (OSError, UnidentifiedImageError, ValueError) as e:
+    raise ImageReadError(f"cannot read image {path}: {e}") from None
+
+
+def resize_to_unit(image_HW3: np.ndarray, resolution: int) -> np.ndarray:
+  """uint8 [H, W, 3] (any size) -> float32 [R, R, 3] in [-1, 1]."""
+  from PIL import Image
+  image_HW3 = np.asarray(image_HW3)
+  if image_HW3.ndim != 3 or image_HW3.shape[-1] != 3 or image_HW3.dtype != np.uint8:
+    raise ImageReadError(f"an image must be uint8 [H, W, 3], got {image_HW3.dtype} {image_HW3.shape}")
+  if image_HW3.shape[:2] != (resolution, resolution):
+    image_HW3 = np.asarray(Image.fromarray(image_HW3).resize((resolution, resolution), Image.BICUBIC))
+  return image_HW3.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+  """Images in [-1, 1] -> uint8 (clipped)."""
+  return np.asarray(np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
+
+
+def image_grid(images_NHW3: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles N images into one uint8 grid with white gutters."""
+  n, h, w, c = images_NHW3.shape
+  cols = cols or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images_NHW3):
+    r, q = divmod(i, cols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+  return grid
+
+
+# ---- token sampling -----------------------------------------------------------------------------
+
+
+def sample_tokens(logits_BV, rng, *, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """One token per row: greedy at temperature 0, else top-k / nucleus sampling."""
+  if temperature <= 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    # the smallest logit still inside the nucleus (the top token is always kept)
+    keep_BV = mass_before_BV < top_p
+    cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+# ---- prompts as record fields (host side) -------------------------------------------------------
+
+_PROMPT_FIELDS = ("tokens", "patches", "modality", "image_ids")
+_BUCKET = 16  # prompt lengths are padded up to a multiple of this, so compiles are reused
+
+
+def _bucket(length: int) -> int:
+  return -(-length // _BUCKET) * _BUCKET
+
+
+def concat_pieces(pieces: list[dict]) -> dict[str, np.ndarray]:
+  """Joins example pieces (tfx.data.examples fields) and numbers their images 1..M in order."""
+  out = {k: np.concatenate([p[k] for p in pieces]) for k in _PROMPT_FIELDS}
+  image_ids, m, prev = np.zeros_like(out["image_ids"]), 0, 0
+  for i, is_image in enumerate(out["modality"] == record.IMAGE):
+    m += bool(is_image and not prev)
+    image_ids[i] = m if is_image else 0
+    prev = is_image
+  out["image_ids"] = image_ids
+  return out
+
+
+def left_pad(prompts: list[dict], length: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Stacks prompts right-aligned in [B, length] (segment 0 before them); returns (batch, lengths_B)."""
+  B, P = len(prompts), prompts[0]["patches"].shape[-1]
+  batch = {k: np.zeros((B, length) + ((P,) if k == "patches" else ()), record.FIELDS[k])
+           for k in _PROMPT_FIELDS + ("segment_ids", "positions")}
+  lengths_B = np.array([len(p["tokens"]) for p in prompts], np.int32)
+  for b, (p, n) in enumerate(zip(prompts, lengths_B)):
+    if n > length:
+      raise ValueError(f"prompt of {n} positions does not fit in {length}")
+    for k in _PROMPT_FIELDS:
+      batch[k][b, length - n:] = p[k]
+    batch["segment_ids"][b, length - n:] = 1
+    batch["positions"][b, length - n:] = np.arange(n)
+  return batch, lengths_B
+
+
+# ---- pure functions that run the model (jitted by Generator) ------------------------------------
+
+
+def _forward(graphdef, params, batch, t_BL, cache):
+  return nnx.merge(graphdef, params)(batch, t_BL, cache=cache)
+
+
+def _text_batch(tokens_BL, positions_BL, patch_dim: int):
+  B, L = tokens_BL.shape
+  ones = jnp.ones((B, L), jnp.int32)
+  return dict(tokens=tokens_BL, patches=jnp.zeros((B, L, patch_dim), jnp.float32),
+              modality=ones * record.TEXT, segment_ids=ones, positions=positions_BL,
+              image_ids=jnp.zeros((B, L), jnp.int32))
+
+
+def _image_batch(x_BnP, start_B, image_id, pad_id: int):
+  B, n, _ = x_BnP.shape
+  ones = jnp.ones((B, n), jnp.int32)
+  return dict(tokens=ones * pad_id, patches=x_BnP, modality=ones * record.IMAGE, segment_ids=ones,
+              positions=start_B[:, None] + jnp.arange(n, dtype=jnp.int32), image_ids=ones * image_id)
+
+
+def _prefill(graphdef, params, batch, cache):
+  """Writes a prompt chunk into the cache; returns (logits of its last position, cache)."""
+  t_BL = jnp.zeros(batch["tokens"].shape, jnp.float32)
+  logits_BLV, _, cache = _forward(graphdef, params, batch, t_BL, cache)
+  return logits_BLV[:, -1], cache
+
+
+def _decode(graphdef, params, cache, logits_BV, next_pos_B, rng, limit, banned_V, stop_V, *,
+            max_new: int, temperature: float, top_k: int, top_p: float, patch_dim: int, pad_id: int):
+  """Samples up to `limit` (<= max_new) tokens, feeding each back through the cache.
+
+  A row is done once it samples a stop token (which is still written to the
+  cache); the loop ends when every row is done. Returns (tokens_BT with PAD
+  after a row's stop, steps taken, cache, logits_BV of the next position).
+  """
+  B = logits_BV.shape[0]
+
+  def cond(state):
+    i, _, _, done_B, _, _ = state
+    return (i < limit) & ~jnp.all(done_B)
+
+  def body(state):
+    i, cache, logits_BV, done_B, tokens_BT, rng = state
+    rng, key = jax.random.split(rng)
+    logits_BV = jnp.where(banned_V[None], -jnp.inf, logits_BV)
+    tok_B = sample_tokens(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
+    tok_B = jnp.where(done_B, pad_id, tok_B)
+    tokens_BT = tokens_BT.at[:, i].set(tok_B)
+    done_B = done_B | stop_V[tok_B]
+    batch = _text_batch(tok_B[:, None], (next_pos_B + i)[:, None], patch_dim)
+    logits_B1V, _, cache = _forward(graphdef, params, batch, jnp.zeros((B, 1), jnp.float32), cache)
+    return i + 1, cache, logits_B1V[:, 0], done_B, tokens_BT, rng
+
+  state = (jnp.int32(0), cache, logits_BV, jnp.zeros((B,), bool), jnp.full((B, max_new), pad_id, jnp.int32),
+           rng)
+  steps, cache, logits_BV, _, tokens_BT, _ = jax.lax.while_loop(cond, body, state)
+  return tokens_BT, steps, cache, logits_BV
+
+
+def _denoise_loop(predict, schedule, x_T_BnP, keys_B, cfg_scale, *, steps: int, sampler: str,
+                  prediction: str, guided: bool):
+  """Runs `steps` sampler steps from pure noise; `predict(x_BnP, t)` gives [cond; uncond] outputs."""
+  T = schedule.num_timesteps
+  ts_np = diffusion.sample_timesteps(steps, T)
+  ts, ts_prev = jnp.asarray(ts_np), jnp.asarray(diffusion.previous_timesteps(ts_np))
+  B = x_T_BnP.shape[0]
+
+  def body(i, x_BnP):
+    t, t_prev = ts[i], ts_prev[i]
+    out_XnP = predict(jnp.concatenate([x_BnP, x_BnP]) if guided else x_BnP, t)
+    out_BnP = diffusion.cfg_combine(out_XnP[:B], out_XnP[B:], cfg_scale) if guided else out_XnP
+    if sampler == "ddim":
+      return diffusion.ddim_step(schedule, x_BnP, t, t_prev, out_BnP, prediction)
+    noise_BnP = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BnP.shape[1:]))(keys_B)
+    return diffusion.ddpm_step(schedule, x_BnP, t, t_prev, out_BnP, prediction, noise_BnP)
+
+  return jax.lax.fori_loop(0, steps, body, x_T_BnP)
+
+
+def _denoise_cached(graphdef, params, schedule, cache, x_T_BnP, start_X, image_id, keys_B, cfg_scale, *,
+                    steps: int, sampler: str, prediction: str, guided: bool, pad_id: int):
+  """Denoises one image per row; each step runs only the n patches against the prefix `cache`.
+
+  The cache (and `start_X`, each row's first patch position) holds the B
+  conditional rows, then, when guided, the B unconditional ones.
+  """
+  def predict(x_XnP, t):
+    batch = _image_batch(x_XnP, start_X, image_id, pad_id)
+    t_XL = jnp.full(x_XnP.shape[:2], t, jnp.float32)
+    return _forward(graphdef, params, batch, t_XL, cache)[1]
+
+  return _denoise_loop(predict, schedule, x_T_BnP, keys_B, cfg_scale, steps=steps, sampler=sampler,
+                       prediction=prediction, guided=guided)
+
+
+def _denoise_recompute(graphdef, params, schedule, prefix, x_T_BnP, start_X, image_id, keys_B, cfg_scale,
+                       *, steps: int, sampler: str, prediction: str, guided: bool, pad_id: int):
+  """The reference path: every step runs the whole prefix plus the image with no cache."""
+  Lp = prefix["tokens"].shape[1]
+
+  def predict(x_XnP, t):
+    image = _image_batch(x_XnP, start_X, image_id, pad_id)
+    batch = {k: jnp.concatenate([prefix[k], image[k]], axis=1) for k in image}
+    t_XL = jnp.concatenate([jnp.zeros(prefix["tokens"].shape, jnp.float32),
+                            jnp.full(x_XnP.shape[:2], t, jnp.float32)], axis=1)
+    return _forward(graphdef, params, batch, t_XL, None)[1][:, Lp:]
+
+  return _denoise_loop(predict, schedule, x_T_BnP, keys_B, cfg_scale, steps=steps, sampler=sampler,
+                       prediction=prediction, guided=guided)
+
+
+def _commit_image(graphdef, params, cache, x0_BnP, start_B, image_id, eoi_id: int, pad_id: int):
+  """Writes the finished image (t=0) and EOI into the cache; returns (logits after EOI, cache)."""
+  B, n, P = x0_BnP.shape
+  image = _image_batch(x0_BnP, start_B, image_id, pad_id)
+  eoi = _text_batch(jnp.full((B, 1), eoi_id, jnp.int32), (start_B + n)[:, None], P)
+  batch = {k: jnp.concatenate([image[k], eoi[k]], axis=1) for k in image}
+  logits_BLV, _, cache = _forward(graphdef, params, batch, jnp.zeros((B, n + 1), jnp.float32), cache)
+  return logits_BLV[:, -1], cache
+
+
+def _stack_caches(a, b):
+  """Rows of `a` then rows of `b` (same length and capacity)."""
+  return dataclasses.replace(a, k_NBSGK=jnp.concatenate([a.k_NBSGK, b.k_NBSGK], axis=1),
+                             v_NBSGK=jnp.concatenate([a.v_NBSGK, b.v_NBSGK], axis=1),
+                             segment_ids_BS=jnp.concatenate([a.segment_ids_BS, b.segment_ids_BS]))
+
+
+def _take_rows(cache, n: int):
+  return dataclasses.replace(cache, k_NBSGK=cache.k_NBSGK[:, :n], v_NBSGK=cache.v_NBSGK[:, :n],
+                             segment_ids_BS=cache.segment_ids_BS[:n])
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _index_keys(seed: int, first_index: int, count: int):
+  """One PRNG key per sample from (seed, global sample index): batching does not change a sample's noise."""
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first_index, first_index + count))
+
+
+class Generator:
+  """Text, images, captions and interleaved output from a trained model; compiles once per shape."""
+
+  def __init__(self, config, model, *, tokenizer=None, autoencoder=None):
+    from tfx import autoencoder as autoencoder_lib
+    from tfx.data import tokenizer as tokenizer_lib
+    self.config = config
+    self.tokenizer = tok = tokenizer or tokenizer_lib.load(config)
+    self.autoencoder = autoencoder or autoencoder_lib.load(config)
+    self.patch_size, self.channels = config.image.patch_size, config.autoencoder.latent_channels
+    self.patch_dim = patching.patch_dim(self.patch_size, self.channels)
+    self.num_patches = patching.num_patches(config.image.resolution // config.autoencoder.downsample,
+                                            self.patch_size)
+    self.schedule = diffusion.make_schedule(config.diffusion)
+    self.prediction = config.diffusion.prediction
+    self._model = model
+    self.graphdef, self.params = nnx.split(model)
+    vocab = config.model.vocab_size
+    if tok.vocab_size > vocab:
+      raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size is {vocab}")
+    unusable = np.arange(vocab) >= tok.vocab_size
+    self._text_only = self._ids_mask(unusable, tok.pad_id, tok.bos_id, tok.boi_id, tok.eoi_id)
+    self._text_or_image = self._ids_mask(unusable, tok.pad_id, tok.bos_id, tok.eoi_id)
+    self._eos = self._ids_mask(np.zeros(vocab, bool), tok.eos_id)
+    self._eos_or_boi = self._ids_mask(np.zeros(vocab, bool), tok.eos_id, tok.boi_id)
+    g, pad = self.graphdef, tok.pad_id
+    self._prefill = jax.jit(functools.partial(_prefill, g))
+    self._decode = jax.jit(functools.partial(_decode, g, patch_dim=self.patch_dim, pad_id=pad),
+                           static_argnames=("max_new", "temperature", "top_k", "top_p"))
+    statics = ("steps", "sampler", "prediction", "guided", "pad_id")
+    self._denoise = jax.jit(functools.partial(_denoise_cached, g), static_argnames=statics)
+    self._denoise_recompute = jax.jit(functools.partial(_denoise_recompute, g), static_argnames=statics)
+    self._commit = jax.jit(functools.partial(_commit_image, g, eoi_id=tok.eoi_id, pad_id=pad))
+    self._log_probs = jax.jit(functools.partial(_log_probs, g))
+
+  @staticmethod
+  def _ids_mask(base: np.ndarray, *ids: int) -> jax.Array:
+    mask = base.copy()
+    mask[list(ids)] = True
+    return jnp.asarray(mask)
+
+  # -- sequence pieces --
+
+  def text_piece(self, text: str, *, bos: bool) -> dict:
+    from tfx.data import examples
+    return examples.text_example(self.tokenizer.encode(text), self.tokenizer, self.patch_dim, bos=bos, eos=False)
+
+  def image_piece(self, patches_nP: np.ndarray, *, bos: bool) -> dict:
+    """`[BOS] BOI patches EOI` (an image with no caption, as image-first training data starts)."""
+    from tfx.data import examples
+    return examples.image_text_example([], patches_nP, self.tokenizer, caption_first=False, bos=bos, eos=False)
+
+  def image_start_piece(self, caption_ids, *, bos: bool) -> dict:
+    """`[BOS] caption BOI`: a prompt that asks for an image next (caption dropout's empty caption when [])."""
+    from tfx.data import examples
+    return examples.image_text_example(caption_ids, np.zeros((0, self.patch_dim), np.float32), self.tokenizer,
+                                       bos=bos, image_last=True)
+
+  def image_patches(self, images) -> np.ndarray:
+    """uint8 images (list of [H, W, 3], any size) -> patches [N, n, P] in diffusion units."""
+    from tfx.data import pipeline
+    for img in images:
+      img = np.asarray(img)
+      if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+        raise ImageReadError(f"an image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
+    pixels_NRR3 = np.stack([pipeline.pixels_to_model(np.asarray(img), self.config.image.resolution)
+                            for img in images])
+    if self.config.autoencoder.kind == "pixels":
+      grid = pixels_NRR3  # the data pipeline feeds raw pixels, unscaled
+    else:
+      grid = self.autoencoder.to_diffusion(self.autoencoder.encode(pixels_NRR3))
+    return np.asarray(patching.patchify(np.asarray(grid, np.float32), self.patch_size))
+
+  def patches_to_images(self, x0_BnP) -> np.ndarray:
+    """Generated patches [B, n, P] -> uint8 images [B, H, W, 3]."""
+    grid = patching.unpatchify(jnp.asarray(x0_BnP), self.patch_size, self.channels)
+    if self.config.autoencoder.kind != "pixels":
+      grid = self.autoencoder.decode(self.autoencoder.from_diffusion(grid))
+    return to_uint8(grid)
+
+  # -- building blocks --
+
+  def _empty_cache(self, batch: int, capacity: int):
+    return self._model.init_cache(batch, _round_up(capacity, 64))
+
+  def _unconditional_cache(self, batch: int, capacity: int, length: int):
+    """The empty-caption prefix `BOS BOI`, cached so that it ends at `length` like the conditional one."""
+    piece = self.image_start_piece([], bos=True)
+    cache = self._empty_cache(batch, capacity)
+    cache = dataclasses.replace(cache, length=jnp.int32(length - len(piece["tokens"])))
+    ubatch, lengths = left_pad([piece] * batch, len(piece["tokens"]))
+    return self._prefill(self.params, ubatch, cache)[1], lengths
+
+  def _sampling_args(self, steps, cfg_scale, sampler):
+    d = self.config.diffusion
+    steps = d.sample_steps if steps is None else int(steps)
+    cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
+    sampler = d.sampler if sampler is None else sampler
+    if sampler not in ("ddim", "ddpm"):
+      raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    diffusion.sample_timesteps(steps, d.num_timesteps)  # validates the step count
+    return steps, cfg_scale, sampler
+
+  def denoise_image(self, cache, start_B, length: int, image_id: int, keys_B, *, steps=None, cfg_scale=None,
+                    sampler=None) -> jax.Array:
+    """Patches [B, n, P] of a new image after the cached prefix (which ends with BOI at `length` - 1)."""
+    steps, cfg_scale, sampler = self._sampling_args(steps, cfg_scale, sampler)
+    B = start_B.shape[0]
+    guided = cfg_scale != 1.0
+    if guided:
+      ucache, ulengths = self._unconditional_cache(B, cache.max_len, length)
+      cache = _stack_caches(cache, ucache)
+      start_B = np.concatenate([start_B, ulengths])
+    init_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(keys_B)
+    x_T_BnP = jax.vmap(lambda k: jax.random.normal(k, (self.num_patches, self.patch_dim)))(init_keys)
+    return self._denoise(self.params, self.schedule, cache, x_T_BnP, jnp.asarray(start_B, jnp.int32),
+                         jnp.int32(image_id), step_keys, jnp.float32(cfg_scale), steps=steps, sampler=sampler,
+                         prediction=self.prediction, guided=guided, pad_id=self.tokenizer.pad_id)
+
+  def _prefill_prompts(self, prompts: list[dict], extra: int):
+    """Left-pads and caches prompts; returns (logits of each last position, cache, lengths_B, padded length)."""
+    Lp = _bucket(max(len(p["tokens"]) for p in prompts))
+    batch, lengths_B = left_pad(prompts, Lp)
+    logits_BV, cache = self._prefill(self.params, batch, self._empty_cache(len(prompts), Lp + extra))
+    return logits_BV, cache, lengths_B, Lp
+
+  def _decode_text(self, cache, logits_BV, next_pos_B, rng, *, limit: int, max_new: int, banned, stop,
+                   temperature: float, top_k: int, top_p: float):
+    tokens_BT, steps, cache, logits_BV = self._decode(
+        self.params, cache, logits_BV, jnp.asarray(next_pos_B, jnp.int32), rng, jnp.int32(limit), banned,
+        stop, max_new=max_new, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    return np.asarray(tokens_BT), int(steps), cache, logits_BV
+
+  def _text_until(self, ids) -> str:
+    ids = list(ids)
+    stops = [i for i, t in enumerate(ids) if t in (self.tokenizer.eos_id, self.tokenizer.boi_id)]
+    return self.tokenizer.decode(ids[:stops[0]] if stops else ids)
+
+  # -- public API --
+
+  def text_to_image(self, prompts: list[str], *, seed: int = 0, first_index: int = 0, steps=None,
+                    cfg_scale=None, sampler=None) -> np.ndarray:
+    """uint8 [N, H, W, 3], one image per caption; sample i's noise comes from (seed, first_index + i)."""
+    if not prompts:
+      raise ValueError("text_to_image needs at least one prompt")
+    pieces = [self.image_start_piece(self.tokenizer.encode(p), bos=True) for p in prompts]
+    _, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
+    keys_B = _index_keys(seed, first_index, len(prompts))
+    x0_BnP = self.denoise_image(cache, lengths_B, Lp, 1, keys_B, steps=steps, cfg_scale=cfg_scale,
+                                sampler=sampler)
+    return self.patches_to_images(x0_BnP)
+
+  def caption(self, images, *, seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+              max_tokens: int = 32) -> list[str]:
+    """One caption per uint8 image ([H, W, 3], any size): `BOS BOI patches EOI`, then text to EOS."""
+    if len(images) == 0:
+      raise ValueError("caption needs at least one image")
+    pieces = [self.image_piece(p, bos=True) for p in self.image_patches(images)]
+    return self._continue(pieces, seed, temperature, top_k, top_p, max_tokens)
+
+  def complete(self, prompts: list[str], *, seed: int = 0, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, max_tokens: int = 64) -> list[str]:
+    """Text continuations of text prompts (no images), to EOS or `max_tokens`."""
+    if not prompts:
+      raise ValueError("complete needs at least one prompt")
+    return self._continue([self.text_piece(p, bos=True) for p in prompts], seed, temperature, top_k, top_p,
+                          max_tokens)
+
+  def _continue(self, pieces, seed, temperature, top_k, top_p, max_tokens) -> list[str]:
+    logits_BV, cache, lengths_B, _ = self._prefill_prompts(pieces, max_tokens)
+    tokens_BT, _, _, _ = self._decode_text(
+        cache, logits_BV, lengths_B, jax.random.PRNGKey(seed), limit=max_tokens, max_new=max_tokens,
+        banned=self._text_only, stop=self._eos, temperature=temperature, top_k=top_k, top_p=top_p)
+    return [self._text_until(row) for row in tokens_BT]
+
+  def generate(self, prompt: list, *, seed: int = 0, max_tokens: int = 64, max_images: int = 1,
+               image_next: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               steps=None, cfg_scale=None, sampler=None) -> list:
+    """Continues one interleaved prompt (str and uint8 [H, W, 3] items, any order).
+
+    Text is decoded until EOS or `max_tokens`; each BOI it produces (or that
+    `image_next` forces) is followed by a denoised image, up to `max_images`.
+    Returns the new segments in order: str for text, uint8 [H, W, 3] for images.
+    """
+    pieces = []
+    for item in prompt:
+      if isinstance(item, str):
+        if item:
+          pieces.append(self.text_piece(item, bos=not pieces))
+      else:
+        pieces.append(self.image_piece(self.image_patches([item])[0], bos=not pieces))
+    if not pieces:
+      raise ValueError("the prompt is empty: give at least one non-empty text or an image")
+    if image_next:
+      pieces.append(self.image_start_piece([], bos=False))
+    prompt_fields = concat_pieces(pieces)
+    n, tok = self.num_patches, self.tokenizer
+    images_so_far = int(prompt_fields["image_ids"].max())
+    logits_BV, cache, lengths_B, length = self._prefill_prompts(
+        [prompt_fields], max_tokens + max_images * (n + 1))
+    pos, last, rng = int(lengths_B[0]), int(prompt_fields["tokens"][-1]), jax.random.PRNGKey(seed)
+    out, made, tokens_left = [], 0, max_tokens
+    while True:
+      if last == tok.boi_id and made < max_images:
+        rng, key = jax.random.split(rng)
+        image_id = images_so_far + made + 1
+        x0_BnP = self.denoise_image(cache, np.array([pos], np.int32), length, image_id, key[None],
+                                    steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+        logits_BV, cache = self._commit(self.params, cache, x0_BnP, jnp.array([pos], jnp.int32),
+                                        jnp.int32(image_id))
+        out.append(self.patches_to_images(x0_BnP)[0])
+        made, pos, length, last = made + 1, pos + n + 1, length + n + 1, tok.eoi_id
+        continue
+      if tokens_left <= 0 or last == tok.eos_id:
+        break
+      rng, key = jax.random.split(rng)
+      banned = self._text_or_image if made < max_images else self._text_only
+      tokens_BT, taken, cache, logits_BV = self._decode_text(
+          cache, logits_BV, [pos], key, limit=tokens_left, max_new=max_tokens, banned=banned,
+          stop=self._eos_or_boi, temperature=temperature, top_k=top_k, top_p=top_p)
+      ids = tokens_BT[0, :taken]
+      text = self._text_until(ids)
+      if text:
+        out.append(text)
+      tokens_left, pos, length = tokens_left - taken, pos + taken, length + taken
+      if taken == 0:
+        break
+      last = int(ids[-1])
+    return out
+
+  def log_likelihood(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of log p over `text EOS` given BOS, number of predicted tokens) per text."""
+    if not texts:
+      raise ValueError("log_likelihood needs at least one text")
+    from tfx.data import examples
+    pieces = [examples.text_example(self.tokenizer.encode(t), self.tokenizer, self.patch_dim) for t in texts]
+    batch, _ = left_pad(pieces, _bucket(max(len(p["tokens"]) for p in pieces)))
+    logp_BL, mask_BL = self._log_probs(self.params, batch)
+    logp_BL, mask_BL = np.asarray(logp_BL, np.float64), np.asarray(mask_BL)
+    return (logp_BL * mask_BL).sum(-1), mask_BL.sum(-1).astype(np.int64)
+
+
+def _log_probs(graphdef, params, batch):
+  """log p(token[i+1] | tokens[..i]) and where both positions are real: ([B, L-1], [B, L-1])."""
+  t_BL = jnp.zeros(batch["tokens"].shape, jnp.float32)
+  logits_BLV, _, _ = _forward(graphdef, params, batch, t_BL, None)
+  logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1], axis=-1)
+  targets_BL = batch["tokens"][:, 1:]
+  logp_BL = jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  mask_BL = (batch["segment_ids"][:, :-1] != 0) & (batch["segment_ids"][:, 1:] != 0)
+  return logp_BL, mask_BL

@@ -1,0 +1,153 @@
+"""`python -m tfx.sample --workdir=W`: images from prompts, captions from images.
+
+  --prompt "a red circle" --num 8 --out DIR   PNGs + grid.png
+  --prompts_file FILE --out DIR               PNGs + DIR/manifest.jsonl
+  --image A.png [B.jpg ...]                   one JSON line {"image", "caption"} each
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+USAGE_ERROR = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Parses and checks the flags; misuse exits with code 2 and a one-line message."""
+  p = argparse.ArgumentParser(prog="python -m tfx.sample", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
+  mode = p.add_mutually_exclusive_group(required=True)
+  mode.add_argument("--prompt", help="one caption to draw --num images for")
+  mode.add_argument("--prompts_file", help="text file, one caption per line")
+  mode.add_argument("--image", nargs="+", metavar="PATH", help="PNG/JPEG images to caption")
+  p.add_argument("--num", type=int, default=4, help="images per --prompt")
+  p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file)")
+  p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
+  p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
+  p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: config)")
+  p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: config")
+  p.add_argument("--temperature", type=float, default=0.0, help="caption sampling; 0 = greedy")
+  p.add_argument("--max_tokens", type=int, default=32, help="longest caption in tokens")
+  p.add_argument("--batch_size", type=int, default=16, help="prompts or images per device batch")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--no_ema", action="store_true", help="use raw params even if EMA params exist")
+  args = p.parse_args(argv)
+  if args.prompt is not None and not args.prompt.strip():
+    p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
+  if args.image is None and not args.out:
+    p.error("--out DIR is required with --prompt / --prompts_file")
+  for name in ("num", "batch_size", "max_tokens"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.steps is not None and args.steps < 1:
+    p.error(f"--steps must be >= 1, got {args.steps}")
+  if args.temperature < 0:
+    p.error(f"--temperature must be >= 0, got {args.temperature}")
+  return args
+
+
+class UsageError(Exception):
+  """Bad input found after parsing: reported in one line, exit code 2."""
+
+
+def read_prompts(path: str) -> list[str]:
+  """Non-blank lines of a prompts file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      prompts = [line.strip() for line in f]
+  except (OSError, UnicodeDecodeError) as e:
+    raise UsageError(f"cannot read --prompts_file {path}: {e}") from None
+  prompts = [q for q in prompts if q]
+  if not prompts:
+    raise UsageError(f"--prompts_file {path} holds no prompt (every line is blank)")
+  return prompts
+
+
+def _prepare_out(out: str, names: list[str]) -> None:
+  """Creates `out`; refuses to overwrite any file already there."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UsageError(f"--out {out} exists and is not a folder")
+  taken = [n for n in names if os.path.exists(os.path.join(out, n))]
+  if taken:
+    raise UsageError(f"--out {out} already holds {taken[0]}; choose an empty or new folder")
+  os.makedirs(out, exist_ok=True)
+
+
+def _save_png(path: str, image_HW3: np.ndarray) -> None:
+  from PIL import Image
+  Image.fromarray(image_HW3).save(path)
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _text_to_image(gen, prompts: list[str], args, out: str, manifest: bool) -> None:
+  from tfx import generate
+  names = [f"{i:05d}.png" for i in range(len(prompts))]
+  _prepare_out(out, names + (["manifest.jsonl"] if manifest else ["grid.png"]))
+  images, start = [], time.time()
+  for first in range(0, len(prompts), args.batch_size):
+    batch = prompts[first:first + args.batch_size]
+    t0 = time.time()
+    imgs = gen.text_to_image(batch, seed=args.seed, first_index=first, steps=args.steps,
+                             cfg_scale=args.cfg_scale, sampler=args.sampler)
+    for i, img in enumerate(imgs):
+      _save_png(os.path.join(out, names[first + i]), img)
+    images.extend(imgs)
+    _log(f"images {first + len(batch)}/{len(prompts)}  ({time.time() - t0:.1f}s this batch)")
+  if manifest:
+    with open(os.path.join(out, "manifest.jsonl"), "w", encoding="utf-8") as f:
+      for prompt, name in zip(prompts, names):
+        f.write(json.dumps({"prompt": prompt, "file": name}) + "\n")
+  else:
+    _save_png(os.path.join(out, "grid.png"), generate.image_grid(np.stack(images)))
+  _log(f"wrote {len(prompts)} images to {out} in {time.time() - start:.1f}s")
+
+
+def read_images(paths: list[str]) -> list[np.ndarray]:
+  """uint8 [H, W, 3] per path; the first unreadable one is a UsageError."""
+  from tfx import generate
+  try:
+    return [generate.load_image(path) for path in paths]
+  except generate.ImageReadError as e:
+    raise UsageError(str(e)) from None
+
+
+def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
+  for first in range(0, len(paths), args.batch_size):
+    captions = gen.caption(images[first:first + args.batch_size], seed=args.seed,
+                           temperature=args.temperature, max_tokens=args.max_tokens)
+    for path, caption in zip(paths[first:first + args.batch_size], captions):
+      print(json.dumps({"image": path, "caption": caption}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    images = read_images(args.image) if args.image else None
+    from tfx import checkpoint, generate
+    try:
+      config, model = checkpoint.restore_model(args.workdir, args.step, ema=not args.no_ema)
+    except checkpoint.NoCheckpointError as e:
+      raise UsageError(str(e)) from None
+    gen = generate.Generator(config, model)
+    if args.image:
+      _caption(gen, args.image, images, args)
+    elif args.prompts_file:
+      _text_to_image(gen, prompts, args, args.out, manifest=True)
+    else:
+      _text_to_image(gen, [args.prompt] * args.num, args, args.out, manifest=False)
+  except UsageError as e:
+    print(f"tfx.sample: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
