@@ -1,0 +1,133 @@
+"""Gaussian diffusion as pure functions on jnp arrays: cosine schedule, q_sample, targets,
+DDPM/DDIM steps with any number of steps, classifier-free guidance.
+
+Timesteps are integers 0..T-1; `alphas_cumprod[t]` is the signal fraction after t+1 noising
+steps. A step to t_prev = -1 means "to the clean sample" (alpha_bar = 1).
+"""
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal's cosine schedule
+MAX_BETA = 0.999
+
+
+class Schedule(NamedTuple):
+  betas: jax.Array            # float32 [T]
+  alphas_cumprod: jax.Array   # float32 [T]
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+
+def cosine_alpha_bar(u):
+  """Nichol & Dhariwal's f(u)/f(0) for u = t/T in [0, 1] (numpy, float64)."""
+  f = lambda x: np.cos((x + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+  return f(np.asarray(u, np.float64)) / f(0.0)
+
+
+def cosine_schedule(num_timesteps: int = 1000) -> Schedule:
+  """betas_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999); alphas_cumprod = cumprod(1 - betas)."""
+  t = np.arange(num_timesteps, dtype=np.float64)
+  betas = np.minimum(1 - cosine_alpha_bar((t + 1) / num_timesteps) / cosine_alpha_bar(t / num_timesteps),
+                     MAX_BETA)
+  return Schedule(jnp.asarray(betas, jnp.float32), jnp.asarray(np.cumprod(1 - betas), jnp.float32))
+
+
+def make_schedule(diffusion_config) -> Schedule:
+  """The schedule named by config.diffusion."""
+  if diffusion_config.schedule != "cosine":
+    raise ValueError(f"diffusion.schedule must be 'cosine', got {diffusion_config.schedule!r}")
+  return cosine_schedule(diffusion_config.num_timesteps)
+
+
+def _check_prediction(prediction: str) -> None:
+  if prediction not in ("eps", "v"):
+    raise ValueError(f"diffusion.prediction must be 'eps' or 'v', got {prediction!r}")
+
+
+def alpha_bar(schedule: Schedule, t):
+  """alpha_bar at integer t (any shape); 1.0 where t < 0."""
+  t = jnp.asarray(t, jnp.int32)
+  ab = schedule.alphas_cumprod[jnp.clip(t, 0, schedule.num_timesteps - 1)]
+  return jnp.where(t < 0, 1.0, ab)
+
+
+def _bcast(a, x):
+  return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def q_sample(schedule: Schedule, x0, t, eps):
+  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; t broadcasts over x0's leading axes."""
+  ab = _bcast(alpha_bar(schedule, t), x0)
+  return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * eps
+
+
+def target(schedule: Schedule, x0, t, eps, prediction: str):
+  """The model's regression target: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+  _check_prediction(prediction)
+  if prediction == "eps":
+    return eps
+  ab = _bcast(alpha_bar(schedule, t), x0)
+  return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
+
+
+def predict_x0_eps(schedule: Schedule, x_t, t, model_out, prediction: str):
+  """(x0_hat, eps_hat) from the model output (eps or v) at x_t.
+
+  With eps at t near T-1, x0_hat divides by sqrt(abar) ~ 5e-5, so fp32 rounding
+  in x_t alone costs ~2e-3; v-prediction has no such division."""
+  _check_prediction(prediction)
+  ab = _bcast(alpha_bar(schedule, t), x_t)
+  if prediction == "eps":
+    eps = model_out
+    x0 = (x_t - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+  else:
+    x0 = jnp.sqrt(ab) * x_t - jnp.sqrt(1 - ab) * model_out
+    eps = jnp.sqrt(1 - ab) * x_t + jnp.sqrt(ab) * model_out
+  return x0, eps
+
+
+def sample_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
+  """`num_steps` evenly spaced timesteps from T-1 down to 0 (int32, descending, distinct; [T-1] for one)."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"sample steps must be in 1..{num_timesteps}, got {num_steps}")
+  return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
+
+
+def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
+  """t_prev for each step of a descending sequence; -1 after the last."""
+  return np.append(timesteps[1:], -1).astype(np.int32)
+
+
+def ddim_step(schedule: Schedule, x_t, t, t_prev, model_out, prediction: str, *, eta: float = 0.0,
+              noise=None):
+  """One DDIM step x_t -> x_{t_prev}; eta=0 is deterministic, eta=1 matches DDPM's variance."""
+  x0, eps = predict_x0_eps(schedule, x_t, t, model_out, prediction)
+  ab, ab_prev = _bcast(alpha_bar(schedule, t), x_t), _bcast(alpha_bar(schedule, t_prev), x_t)
+  sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+  x_prev = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
+  if eta > 0:
+    if noise is None:
+      raise ValueError("ddim_step with eta > 0 needs noise")
+    x_prev = x_prev + sigma * noise
+  return x_prev
+
+
+def ddpm_step(schedule: Schedule, x_t, t, t_prev, model_out, prediction: str, noise):
+  """Ancestral step from the posterior q(x_{t_prev} | x_t, x0_hat); works for skipped steps too."""
+  x0, _ = predict_x0_eps(schedule, x_t, t, model_out, prediction)
+  ab, ab_prev = _bcast(alpha_bar(schedule, t), x_t), _bcast(alpha_bar(schedule, t_prev), x_t)
+  alpha = ab / ab_prev
+  mean = (jnp.sqrt(ab_prev) * (1 - alpha) * x0 + jnp.sqrt(alpha) * (1 - ab_prev) * x_t) / (1 - ab)
+  var = (1 - alpha) * (1 - ab_prev) / (1 - ab)
+  return mean + jnp.sqrt(var) * noise
+
+
+def cfg_combine(cond, uncond, scale: float):
+  """Classifier-free guidance: uncond + scale * (cond - uncond)."""
+  return uncond + scale * (cond - uncond)
