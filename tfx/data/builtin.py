@@ -1,9 +1,10 @@
 """The embedded datasets and default tokenizer: built on first use under config.data.data_dir.
 
 Layout (data_dir defaults to ~/tensorflow_datasets):
-  shapes/n{train}_e{eval}/1.0.0/         splits train, validation, test, heldout
-  pydoc_topics/1.0.0/                    splits train, validation
-  tfx_tokenizer/v{vocab}/tokenizer.model
+  shapes/n{train}_e{eval}_r{REVISION}/1.0.0/    splits train, validation, test, heldout
+  pydoc_topics/r{REVISION}/1.0.0/                splits train, validation
+  tfx_tokenizer/v{vocab}_r{REVISION}/tokenizer.model
+REVISION changes whenever the generating code changes what is built.
 A file lock makes concurrent processes build each thing once; tfds and the
 tokenizer writer publish by rename, so a reader never sees half a file.
 """
@@ -20,6 +21,7 @@ SHAPES = "shapes"
 PYDOC = "pydoc_topics"
 _SHAPES_SEED = 1234          # the dataset is a fixed artifact, independent of config.seed
 _TOKENIZER_CAPTIONS = 5000   # grammar captions mixed into the tokenizer's training text
+REVISION = 2
 
 
 def data_dir(config) -> str:
@@ -51,7 +53,7 @@ def _shape_examples(split: str, n: int):
 def shapes_dir(config) -> str:
   """The shapes dataset for config.data sizes, built if missing."""
   d = config.data
-  name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}"
+  name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}_r{REVISION}"
   root = os.path.join(data_dir(config), SHAPES, name)
   if os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
     return root
@@ -79,13 +81,14 @@ def _text_examples(split: str):
 
 def pydoc_dir(config) -> str:
   """The pydoc topics text dataset, built if missing."""
-  root = os.path.join(data_dir(config), PYDOC)
+  name = f"r{REVISION}"
+  root = os.path.join(data_dir(config), PYDOC, name)
   if os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
     return root
   with _locked(data_dir(config)):
     if not os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
       builders.write_dataset(builders.PydocTopics, data_dir(config), builders.text_features(),
-                             {s: _text_examples(s) for s in ("train", "validation")},
+                             {s: _text_examples(s) for s in ("train", "validation")}, config_name=name,
                              description="English prose of Python's pydoc_data.topics.")
   return root
 
@@ -93,7 +96,7 @@ def pydoc_dir(config) -> str:
 def ensure_tokenizer(config) -> str:
   """Path of the default tokenizer (pydoc prose + shapes captions), trained if missing."""
   vocab = config.data.tokenizer_vocab_size
-  path = os.path.join(data_dir(config), "tfx_tokenizer", f"v{vocab}", "tokenizer.model")
+  path = os.path.join(data_dir(config), "tfx_tokenizer", f"v{vocab}_r{REVISION}", "tokenizer.model")
   if os.path.exists(path):
     return path
   with _locked(data_dir(config)):

@@ -5,8 +5,9 @@ so the iterator state is small and exactly restorable; packing keeps the one
 example it is in the middle of as (parent state, offset). Each host reads the
 disjoint slice [process_index::process_count] of every source.
 """
-import jax
 import grain
+import jax
+from absl import flags
 import numpy as np
 from PIL import Image
 
@@ -91,9 +92,12 @@ def _check_image_source(config, path: str) -> bool:
   return not pixels
 
 
-def _host_slice(ds: grain.MapDataset, process_index: int, process_count: int, what: str) -> grain.MapDataset:
+def host_source(config, which: str, split: str, process_index: int, process_count: int) -> grain.MapDataset:
+  """This host's disjoint slice [process_index::process_count] of the "image_text" or "text" source."""
+  name = config.data.image_text if which == "image_text" else config.data.text
+  ds = grain.MapDataset.source(builders.open_split(builtin.resolve(config, name), split))
   if len(ds) < process_count:
-    raise ValueError(f"{what} has {len(ds)} examples, fewer than the {process_count} hosts reading it")
+    raise ValueError(f"{name}[{split}] has {len(ds)} examples, fewer than the {process_count} hosts reading it")
   return ds[process_index::process_count]
 
 
@@ -113,18 +117,14 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
   seed = config.seed + d.shuffle_buffer_seed
   parts, weights = [], []
   if d.image_text and d.image_text_weight > 0:
-    path = builtin.resolve(config, d.image_text)
-    use_latent = _check_image_source(config, path)
-    ds = _host_slice(grain.MapDataset.source(builders.open_split(path, split)),
-                     process_index, process_count, f"{d.image_text}[{split}]")
+    use_latent = _check_image_source(config, builtin.resolve(config, d.image_text))
+    ds = host_source(config, "image_text", split, process_index, process_count)
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.random_map(_ImageTextToExample(config, tok, use_latent), seed=seed + 1)
     parts.append(ds)
     weights.append(d.image_text_weight)
   if d.text and d.text_weight > 0:
-    path = builtin.resolve(config, d.text)
-    ds = _host_slice(grain.MapDataset.source(builders.open_split(path, split)),
-                     process_index, process_count, f"{d.text}[{split}]")
+    ds = host_source(config, "text", split, process_index, process_count)
     ds = ds.shuffle(seed=seed + 2).repeat().map(_TextToExample(tok, patch_dim))
     parts.append(ds)
     weights.append(d.text_weight)
@@ -135,6 +135,8 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
                                    max_images=config.image.max_images_per_seq)
   batched = packed.batch(config.global_batch_size // process_count, drop_remainder=True)
   if d.worker_count > 0:
+    if not flags.FLAGS.is_parsed():   # Grain's workers read absl flags; outside an absl app use defaults
+      flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=d.worker_count, per_worker_buffer_size=max(d.prefetch, 1)))
   return batched

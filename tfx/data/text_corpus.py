@@ -8,7 +8,7 @@ _VALIDATION_EVERY = 20    # every 20th document goes to validation
 
 
 def documents() -> list[tuple[str, str]]:
-  """(key, text) documents: each help topic cut at paragraph breaks into <= ~2000 chars."""
+  """Distinct (key, text) documents: each help topic cut at paragraph breaks into ~2000 chars."""
   docs = []
   for name in sorted(topics.topics):
     chunk: list[str] = []
@@ -20,6 +20,7 @@ def documents() -> list[tuple[str, str]]:
         chunk.append(para)
     if chunk:
       docs.append("\n\n".join(chunk))
+  docs = list(dict.fromkeys(docs))   # some topics share paragraphs; keep each text once
   return [(f"{i:05d}", d) for i, d in enumerate(docs)]
 
 

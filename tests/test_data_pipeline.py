@@ -1,0 +1,229 @@
+"""The Grain pipeline: record format, determinism, resume, host slicing, packing, latents."""
+import json
+import types
+
+import grain
+import numpy as np
+import pytest
+from etils import epath
+
+from tfx import patching, record
+from tfx.data import builders, examples, packing, pipeline
+from data_testing import small_config
+
+TOK = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=3, boi_id=4, eoi_id=5)
+P = 48   # 4x4 pixel patches of 3 channels
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    for k in record.FIELDS:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def config():
+  return small_config()
+
+
+def test_batches_follow_record_format(config):
+  b = next(pipeline.make_iterator(config, process_index=0, process_count=1))
+  record.check(b, config.seq_len, P)
+  assert b["tokens"].shape == (config.global_batch_size, config.seq_len)
+  image = b["modality"] == record.IMAGE
+  assert image.any() and (~image & (b["segment_ids"] > 0)).any()
+  assert np.abs(b["patches"]).max() <= 1.0 and not b["patches"][~image].any()
+  assert not b["lm_mask"][image].any() and not b["noise_limited"][~image].any()
+  assert b["tokens"].max() < config.model.vocab_size
+
+
+def test_deterministic_for_a_seed(config):
+  a = _take(pipeline.make_iterator(config, process_index=0, process_count=1), 3)
+  _assert_batches_equal(a, _take(pipeline.make_iterator(config, process_index=0, process_count=1), 3))
+  other = config.copy_and_resolve_references()
+  other.seed = 1
+  c = _take(pipeline.make_iterator(other, process_index=0, process_count=1), 3)
+  assert not all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
+
+
+def test_restore_mid_epoch_through_grain_checkpoint_handler(config, tmp_path):
+  it = pipeline.make_iterator(config, process_index=0, process_count=1)
+  _take(it, 5)   # 200 train images / ~1.5 per record: well inside the first epoch
+  handler = grain.checkpoint.CheckpointHandler()
+  handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(it))
+  expected = _take(it, 4)
+  fresh = pipeline.make_iterator(config, process_index=0, process_count=1)
+  handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(fresh))
+  _assert_batches_equal(expected, _take(fresh, 4))
+
+
+def _image_keys(batches, k):
+  """Byte strings of every image (its n patches) in the batches."""
+  keys = []
+  for b in batches:
+    for row in range(b["tokens"].shape[0]):
+      for m in range(1, b["image_ids"][row].max() + 1):
+        keys.append(b["patches"][row][b["image_ids"][row] == m].tobytes())
+  return keys
+
+
+def test_two_hosts_get_disjoint_slices_that_cover_the_source(config):
+  for which, field in (("image_text", "spec"), ("text", "text")):
+    full = [ex[field] for ex in pipeline.host_source(config, which, "train", 0, 1)]
+    h0 = [ex[field] for ex in pipeline.host_source(config, which, "train", 0, 2)]
+    h1 = [ex[field] for ex in pipeline.host_source(config, which, "train", 1, 2)]
+    assert not set(h0) & set(h1)
+    assert sorted(h0 + h1) == sorted(full)
+  # The full pipeline of host 0 only ever shows host 0's images.
+  k = config.image.patch_size
+  def patches_of(ex):
+    return patching.patchify(pipeline.pixels_to_model(ex["image"], config.image.resolution), k).tobytes()
+  mine = {patches_of(ex) for ex in pipeline.host_source(config, "image_text", "train", 0, 2)}
+  theirs = {patches_of(ex) for ex in pipeline.host_source(config, "image_text", "train", 1, 2)}
+  it = pipeline.make_iterator(config, process_index=0, process_count=2)
+  batches = _take(it, 6)
+  assert batches[0]["tokens"].shape == (config.global_batch_size // 2, config.seq_len)
+  seen = _image_keys(batches, k)
+  assert seen and set(seen) <= mine and not set(seen) & theirs
+
+
+def _random_examples(rng, n_examples, n_patches):
+  out = []
+  for _ in range(n_examples):
+    if rng.random() < 0.5:
+      out.append(examples.text_example(rng.integers(10, 100, rng.integers(1, 150)).tolist(), TOK, P))
+    else:
+      caption = rng.integers(10, 100, rng.integers(0, 12)).tolist()
+      patches = rng.normal(size=(n_patches, P)).astype(np.float32)
+      out.append(examples.image_text_example(caption, patches, TOK, caption_first=bool(rng.random() < 0.8)))
+  return out
+
+
+def test_packing_keeps_every_token_and_patch_and_never_splits_an_image():
+  rng = np.random.default_rng(0)
+  n, seq_len, max_images = 16, 64, 2
+  exs = _random_examples(rng, 200, n)
+  records = packing.pack_examples(exs, seq_len=seq_len, pad_id=TOK.pad_id, max_images=max_images)
+  got_tokens, got_patches = [], []
+  for r in records:
+    record.check(r, seq_len, P)
+    seg = r["segment_ids"]
+    used = seg > 0
+    assert used.any() and (np.diff(seg[used]) >= 0).all() and seg[used][0] == 1
+    assert not used[used.argmin():].any() if not used.all() else True   # padding only at the end
+    for s in range(1, seg.max() + 1):
+      np.testing.assert_array_equal(r["positions"][seg == s], np.arange((seg == s).sum()))
+    assert r["image_ids"].max() <= max_images
+    for m in range(1, r["image_ids"].max() + 1):
+      where = np.flatnonzero(r["image_ids"] == m)
+      assert len(where) == n and (np.diff(where) == 1).all()
+      assert r["tokens"][where[0] - 1] == TOK.boi_id and r["tokens"][where[-1] + 1] == TOK.eoi_id
+      assert (r["modality"][where] == record.IMAGE).all()
+    learn = r["lm_mask"] > 0
+    i = np.flatnonzero(learn)
+    assert (r["modality"][i] == record.TEXT).all() and (r["modality"][i + 1] == record.TEXT).all()
+    assert (seg[i] == seg[i + 1]).all() and (r["lm_targets"][i] == r["tokens"][i + 1]).all()
+    got_tokens.append(r["tokens"][used])
+    got_patches.append(r["patches"][used])
+  np.testing.assert_array_equal(np.concatenate(got_tokens), np.concatenate([e["tokens"] for e in exs]))
+  np.testing.assert_array_equal(np.concatenate(got_patches), np.concatenate([e["patches"] for e in exs]))
+  fill = np.mean([(r["segment_ids"] > 0).mean() for r in records])
+  print(f"packing fill: {fill:.3f} of {len(records)} records")
+  assert fill > 0.8
+
+
+def test_packing_state_restores_at_every_record():
+  exs = _random_examples(np.random.default_rng(1), 60, 16)
+  ds = packing.PackIterDataset(grain.MapDataset.source(exs).to_iter_dataset(), seq_len=64,
+                               pad_id=TOK.pad_id, max_images=2)
+  it = iter(ds)
+  states, records = [], []
+  while True:
+    states.append(json.loads(json.dumps(it.get_state())))
+    try:
+      records.append(next(it))
+    except StopIteration:
+      break
+  for start in (1, 5, len(records) // 2, len(records) - 1):
+    again = iter(ds)
+    again.set_state(states[start])
+    _assert_batches_equal(records[start:], list(again))
+
+
+def test_oversized_image_example_is_a_clear_error():
+  ex = examples.image_text_example([11] * 10, np.zeros((64, P), np.float32), TOK)
+  with pytest.raises(ValueError, match="cannot fit seq_len=32"):
+    packing.pack_examples([ex], seq_len=32, pad_id=0, max_images=4)
+
+
+def test_example_orders_and_noise_limit():
+  patches = np.ones((4, P), np.float32)
+  t2i = examples.image_text_example([11, 12], patches, TOK, caption_first=True)
+  i2t = examples.image_text_example([11, 12], patches, TOK, caption_first=False)
+  assert t2i["tokens"].tolist() == [2, 11, 12, 4, 0, 0, 0, 0, 5, 3] and not t2i["noise_limited"].any()
+  assert i2t["tokens"].tolist() == [2, 4, 0, 0, 0, 0, 5, 11, 12, 3]
+  assert i2t["noise_limited"].tolist() == [0, 0, 1, 1, 1, 1, 0, 0, 0, 0]
+  r = packing.pack_one(t2i, 16, pad_id=0)
+  # BOI's position predicts no patch, the last patch predicts no EOI; the caption predicts BOI.
+  assert r["lm_mask"].tolist()[:10] == [1, 1, 1, 0, 0, 0, 0, 0, 1, 0]
+
+
+def test_caption_order_and_dropout_fractions(config):
+  c = config.copy_and_resolve_references()
+  c.data.caption_dropout = 0.5
+  c.data.text_weight = 0.0
+  first, dropped = [], []
+  for b in _take(pipeline.make_iterator(c, process_index=0, process_count=1), 40):
+    for row in range(b["tokens"].shape[0]):
+      for m in range(1, b["image_ids"][row].max() + 1):
+        start = np.flatnonzero(b["image_ids"][row] == m)[0]
+        limited = bool(b["noise_limited"][row, start])
+        first.append(not limited)
+        if not limited:
+          dropped.append(b["tokens"][row, start - 2] == 2)   # BOS right before BOI: no caption
+  assert len(first) > 150
+  assert 0.7 < np.mean(first) < 0.9 and 0.35 < np.mean(dropped) < 0.65
+
+
+def test_latent_datasets_are_read_directly(tmp_path, config):
+  rng = np.random.default_rng(0)
+  latents = rng.normal(size=(6, 4, 4, 4)).astype(np.float32)
+  def gen():
+    for i, lat in enumerate(latents):
+      yield str(i), {"latent": lat, "caption": "a red circle"}
+  path = builders.write_dataset(builders.ImageText, str(tmp_path), builders.image_text_features(latent_shape=(4, 4, 4)),
+                                {"train": gen})
+  c = config.copy_and_resolve_references()
+  c.data.image_text, c.data.text = str(tmp_path), ""
+  c.autoencoder.kind, c.autoencoder.downsample, c.autoencoder.latent_channels = "vae", 4, 4
+  c.autoencoder.shift_factor, c.autoencoder.scaling_factor = 0.5, 2.0
+  c.image.patch_size = 2
+  b = next(pipeline.make_iterator(c, process_index=0, process_count=1))
+  record.check(b, c.seq_len, 16)
+  want = {patching.patchify((lat - 0.5) * 2.0, 2).tobytes() for lat in latents}
+  got = _image_keys([b], 2)
+  assert got and set(got) <= want
+  with pytest.raises(ValueError, match="latent caching"):
+    vae_on_pixels = c.copy_and_resolve_references()
+    vae_on_pixels.data.image_text = "shapes"
+    pipeline.make_iterator(vae_on_pixels, process_index=0, process_count=1)
+  c.autoencoder.kind = "pixels"
+  with pytest.raises(ValueError, match="no `image` feature"):
+    pipeline.make_iterator(c, process_index=0, process_count=1)
+  assert path.startswith(str(tmp_path))
+
+
+def test_multiprocess_prefetch_matches_in_process(config):
+  c = config.copy_and_resolve_references()
+  c.data.worker_count = 1
+  it = pipeline.make_iterator(c, process_index=0, process_count=1)
+  try:
+    got = _take(it, 3)
+  finally:
+    it.close()
+  _assert_batches_equal(_take(pipeline.make_iterator(config, process_index=0, process_count=1), 3), got)
