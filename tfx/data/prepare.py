@@ -155,10 +155,14 @@ def prepare(input_path: str, output_dir: str, resolution: int, validation_fracti
     splits = {"train": lambda: examples(input_path, resolution, validation_fraction, counts, "train")}
     if validation_fraction > 0:
       splits["validation"] = lambda: examples(input_path, resolution, validation_fraction, counts, "validation")
-    builders.write_dataset(builders.ImageText, tmp, builders.image_text_features(resolution=resolution),
-                           splits, description=f"Prepared from {os.path.abspath(input_path)}")
-    if counts.written == 0:
-      raise ValueError(f"no usable image-caption pair in {input_path} ({counts.summary()})")
+    try:
+      builders.write_dataset(builders.ImageText, tmp, builders.image_text_features(resolution=resolution),
+                             splits, description=f"Prepared from {os.path.abspath(input_path)}")
+    except AssertionError as e:   # tfds refuses to write an empty split
+      if counts.written == 0:
+        raise ValueError(f"no usable image-caption pair in {input_path} ({counts.summary()})") from None
+      raise ValueError(f"a split would be empty ({counts.summary()}); "
+                       f"change --validation_fraction") from e
     if os.path.exists(output_dir):
       os.rmdir(output_dir)   # empty, checked above
     os.replace(tmp, output_dir)
