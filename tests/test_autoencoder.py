@@ -114,3 +114,61 @@ def test_pixels_is_identity():
   np.testing.assert_array_equal(ae.decode(ae.encode(x)), x)
   with pytest.raises(autoencoder.AutoencoderError, match=r"\[B, H, W, 3\]"):
     ae.encode(x[..., :2])
+
+
+# -- latent caching -------------------------------------------------------------------
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def latent_configs(tmp_path_factory):
+  """(pixels config, latent-cache config) that pack identical records: 16 patches per image."""
+  from data_testing import small_config
+  from tfx.autoencoder import cache_latents
+
+  pixels = small_config()  # 16 px images, 4x4 pixel patches
+  latents = small_config()
+  latents.autoencoder.update(kind="diffusers", path=str(FIXTURES / "diffusers_vae_sd"), latent_channels=4,
+                             downsample=2, scaling_factor=0.18215)
+  latents.image.patch_size = 2  # 8x8 latents
+  out = tmp_path_factory.mktemp("cache") / "latents"
+  counts = cache_latents.cache(latents, str(out), batch_size=50)
+  assert counts["train"] == pixels.data.shapes_train_size
+  latents.data.image_text = str(out)
+  return pixels, latents
+
+
+def test_cached_latent_batches_equal_encoding_on_the_fly(latent_configs):
+  from tfx import patching, record
+  from tfx.data import pipeline
+
+  pixels, latents = latent_configs
+  ae = autoencoder.load(latents)
+  for b_pix, b_lat in zip(_take(pipeline.make_iterator(pixels, process_index=0, process_count=1), 3),
+                          _take(pipeline.make_iterator(latents, process_index=0, process_count=1), 3)):
+    for k in record.FIELDS:
+      if k != "patches":
+        np.testing.assert_array_equal(b_pix[k], b_lat[k], err_msg=k)
+    image = b_pix["modality"] == record.IMAGE
+    assert image.sum() >= 16
+    grids = patching.unpatchify(b_pix["patches"][image].reshape(-1, 16, 48), 4, 3)  # the pixel images
+    on_the_fly = patching.patchify(np.asarray(ae.to_diffusion(ae.encode(grids))), 2)
+    np.testing.assert_allclose(b_lat["patches"][image].reshape(-1, 16, 16), on_the_fly, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_refuses_to_overwrite_and_pixels(latent_configs, tmp_path):
+  from tfx.autoencoder import cache_latents
+
+  pixels, latents = latent_configs
+  (tmp_path / "keep.txt").write_text("user data")
+  config = latents.copy_and_resolve_references()
+  config.data.image_text = "shapes"
+  with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    cache_latents.cache(config, str(tmp_path))
+  assert (tmp_path / "keep.txt").read_text() == "user data"
+  with pytest.raises(autoencoder.AutoencoderError, match="no latents to cache"):
+    cache_latents.cache(pixels, str(tmp_path / "new"))
+  with pytest.raises(autoencoder.AutoencoderError, match="no `image` feature"):
+    cache_latents.cache(latents, str(tmp_path / "new"))

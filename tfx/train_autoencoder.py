@@ -8,7 +8,6 @@ train images, scores reconstructions of the test split (PSNR; the shapes scorer
 when the data is shapes) and writes WORKDIR/autoencoder.json, which
 `tfx.autoencoder.load` (kind "vae", path W) needs besides the checkpoint.
 """
-import sys
 import time
 
 import jax
@@ -23,9 +22,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tfx import checkpoint
 from tfx import mesh as mesh_lib
 from tfx import metrics as metrics_lib
-from tfx.autoencoder import AutoencoderError, quality, vae
+from tfx.autoencoder import AutoencoderError, cli, quality, vae
 from tfx.autoencoder.base import NetAutoencoder
 
+PROG = "tfx.train_autoencoder"
 CALIBRATION_IMAGES = 1024
 
 
@@ -177,25 +177,19 @@ def run(config, workdir, *, log=print) -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f"unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  config = flags.FLAGS.config
-  if config is None or not flags.FLAGS.workdir:
-    print("usage: python -m tfx.train_autoencoder --config=experiments/X.py --workdir=DIR", file=sys.stderr)
-    sys.exit(2)
+def main(argv) -> None:
+  config = cli.checked_config(PROG, argv, _CONFIG)
+  if not _WORKDIR.value:
+    cli.usage_error(PROG, "--workdir is required")
   try:
     vae.net_config(config)
-  except AutoencoderError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  epath.Path(flags.FLAGS.workdir).mkdir(parents=True, exist_ok=True)
-  run(config, flags.FLAGS.workdir)
+    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
+    run(config, _WORKDIR.value)
+  except (AutoencoderError, mesh_lib.MeshError, FileNotFoundError) as e:
+    cli.usage_error(PROG, str(e))
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "experiment config file (get_config)")
-  flags.DEFINE_string("workdir", None, "where checkpoints, metrics and autoencoder.json go")
-  app.run(main)
+  _CONFIG = cli.define_config_flag()
+  _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and autoencoder.json go")
+  app.run(main, flags_parser=cli.flags_parser(PROG))
