@@ -465,6 +465,8 @@ class Generator:
         pieces.append(self.image_piece(self.image_patches([item])[0], bos=not pieces))
     if not pieces:
       raise ValueError("the prompt is empty: give at least one non-empty text or an image")
+    if image_next and max_images < 1:
+      raise ValueError("image_next needs max_images >= 1")
     if image_next:
       pieces.append(self.image_start_piece([], bos=False))
     prompt_fields = concat_pieces(pieces)

@@ -1,0 +1,195 @@
+"""The inference engine against full forward passes of a tiny random model."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfx import config as tfx_config
+from tfx import generate, record
+from tfx import model as model_lib
+from tfx.data import examples, shapes
+from tfx.data import tokenizer as tokenizer_lib
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def tiny_config():
+  c = tfx_config.default()
+  c.model.vocab_size = 48            # > tokenizer size: the unusable ids must never be sampled
+  c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
+  c.image.resolution, c.image.patch_size = 16, 4
+  c.diffusion.prediction = "v"       # no 1/sqrt(alpha_bar) blow-up, so whole loops compare tightly
+  return c
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer_lib.Tokenizer(tokenizer_lib.train_model(shapes.grammar_captions(np.random.default_rng(0), 400), 40))
+
+
+@pytest.fixture(scope="module")
+def gen(tok):
+  c = tiny_config()
+  return generate.Generator(c, model_lib.build_model(c, nnx.Rngs(0)), tokenizer=tok)
+
+
+_forward = jax.jit(generate._forward, static_argnums=0)
+
+
+def full_forward(gen, batch, t_BL=None, cache=None):
+  """The model on a whole batch (jitted, so each shape compiles once)."""
+  t_BL = jnp.zeros(batch["tokens"].shape, jnp.float32) if t_BL is None else t_BL
+  return _forward(gen.graphdef, gen.params, {k: jnp.asarray(v) for k, v in batch.items()}, t_BL, cache)
+
+
+def with_tokens(gen, piece, ids):
+  return generate.concat_pieces([piece, examples.text_example(ids, gen.tokenizer, gen.patch_dim, bos=False,
+                                                              eos=False)])
+
+
+def test_cached_decoding_matches_full_forward(gen, tok):
+  pieces = [gen.text_piece(p, bos=True) for p in PROMPTS]
+  logits_BV, cache, lengths_B, Lp = gen._prefill_prompts(pieces, 8)
+  padded, _ = generate.left_pad(pieces, Lp)
+  np.testing.assert_allclose(logits_BV, full_forward(gen, padded)[0][:, -1], atol=1e-5, rtol=0)
+  no_stop = jnp.zeros(48, bool)
+  for k in range(1, 6):
+    tokens_BT, steps, _, next_BV = gen._decode_text(cache, logits_BV, lengths_B, jax.random.PRNGKey(0), limit=k,
+                                                    max_new=8, banned=gen._text_only, stop=no_stop,
+                                                    temperature=0.0, top_k=0, top_p=1.0)
+    assert steps == k and (tokens_BT[:, k:] == tok.pad_id).all()
+    # extra left padding (segment 0) keeps one reference shape for every k
+    ref, _ = generate.left_pad([with_tokens(gen, p, row[:k]) for p, row in zip(pieces, tokens_BT)], Lp + 8)
+    ref_BLV = np.asarray(full_forward(gen, ref)[0])
+    np.testing.assert_allclose(next_BV, ref_BLV[:, -1], atol=1e-5, rtol=0)
+    allowed_BLV = np.where(np.asarray(gen._text_only), -np.inf, ref_BLV[:, -k - 1:-1])
+    np.testing.assert_array_equal(tokens_BT[:, :k], allowed_BLV.argmax(-1))
+  assert tokens_BT.max() < tok.vocab_size
+
+
+def test_cached_denoise_step_matches_full_forward(gen):
+  """Conditional and unconditional rows, each step on the n patches only, vs [prefix ; image] uncached."""
+  n, P = gen.num_patches, gen.patch_dim
+  pieces = [gen.image_start_piece(gen.tokenizer.encode(p), bos=True) for p in PROMPTS]
+  _, cache, lengths_B, Lp = gen._prefill_prompts(pieces, n + 1)
+  ucache, ulengths_B = gen._unconditional_cache(2, cache.max_len, Lp)
+  both = generate._stack_caches(cache, ucache)
+  start_X = jnp.asarray(np.concatenate([lengths_B, ulengths_B]))
+  x_XnP = jax.random.normal(jax.random.PRNGKey(1), (4, n, P))
+  t_Xn = jnp.full((4, n), 700.0)
+  cached = full_forward(gen, generate._image_batch(x_XnP, start_X, 1, 0), t_Xn, both)[1]
+  prefix, _ = generate.left_pad(pieces + [gen.image_start_piece([], bos=True)] * 2, Lp)
+  image = generate._image_batch(x_XnP, start_X, 1, 0)
+  batch = {k: jnp.concatenate([jnp.asarray(prefix[k]), image[k]], axis=1) for k in image}
+  t_XL = jnp.concatenate([jnp.zeros((4, Lp)), t_Xn], axis=1)
+  np.testing.assert_allclose(cached, full_forward(gen, batch, t_XL)[1][:, Lp:], atol=1e-5, rtol=0)
+
+  # the whole guided loop, cached vs recomputing the prefix at every step
+  keys = generate._index_keys(0, 0, 2)
+  args = dict(steps=3, sampler="ddpm", prediction="v", guided=True, pad_id=0)
+  fast = gen._denoise(gen.params, gen.schedule, both, x_XnP[:2], start_X, jnp.int32(1), keys, jnp.float32(3.0),
+                      **args)
+  slow = gen._denoise_recompute(gen.params, gen.schedule, {k: jnp.asarray(v) for k, v in prefix.items()},
+                                x_XnP[:2], start_X, jnp.int32(1), keys, jnp.float32(3.0), **args)
+  np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=0)
+
+  # text after a finished image: commit [patches ; EOI] and compare the next-token logits
+  x0_BnP = x_XnP[:2]
+  logits_BV, _ = gen._commit(gen.params, cache, x0_BnP, jnp.asarray(lengths_B), jnp.int32(1))
+  full = [examples.image_text_example(gen.tokenizer.encode(p), np.asarray(x), gen.tokenizer, eos=False)
+          for p, x in zip(PROMPTS, x0_BnP)]
+  ref, _ = generate.left_pad(full, Lp + n + 1)
+  np.testing.assert_allclose(logits_BV, full_forward(gen, ref)[0][:, -1], atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_images_bit_for_bit(gen):
+  for sampler in ("ddim", "ddpm"):
+    a = gen.text_to_image(PROMPTS, seed=3, steps=3, sampler=sampler)
+    b = gen.text_to_image(PROMPTS, seed=3, steps=3, sampler=sampler)
+    assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, gen.text_to_image(PROMPTS, seed=4, steps=3, sampler=sampler))
+  # a new seed or prompt of the same padded length reuses the compiled denoising program
+  compiled = gen._denoise._cache_size()
+  gen.text_to_image(["one red square", "a circle"], seed=5, steps=3, sampler="ddpm")
+  assert gen._denoise._cache_size() == compiled
+
+
+def test_prompt_layouts_match_training_examples(gen, tok):
+  n, P = gen.num_patches, gen.patch_dim
+  patches = np.random.default_rng(0).normal(size=(n, P)).astype(np.float32)
+  # the unconditional prefix is what caption dropout leaves before the patches: BOS BOI
+  dropped = examples.image_text_example([], patches, tok, caption_first=True)
+  np.testing.assert_array_equal(gen.image_start_piece([], bos=True)["tokens"], dropped["tokens"][:2])
+  # a captioning prompt is an image-first pair up to its caption
+  pair = examples.image_text_example(tok.encode("a red circle"), patches, tok, caption_first=False)
+  prompt = gen.image_piece(patches, bos=True)
+  for k in ("tokens", "modality", "image_ids", "patches"):
+    np.testing.assert_array_equal(prompt[k], pair[k][:n + 3])
+  joined = generate.concat_pieces([prompt, gen.text_piece("a", bos=False), gen.image_piece(patches, bos=False)])
+  assert joined["image_ids"].max() == 2 and (joined["image_ids"][joined["modality"] == record.TEXT] == 0).all()
+
+
+def test_sample_tokens_filters():
+  logits_BV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.PRNGKey(0)
+  greedy = generate.sample_tokens(logits_BV, keys, temperature=0.0)
+  assert (greedy == 0).all()
+  top2 = np.asarray(generate.sample_tokens(logits_BV, keys, temperature=1.0, top_k=2))
+  assert set(np.unique(top2)) == {0, 1}
+  nucleus = np.asarray(generate.sample_tokens(logits_BV, keys, temperature=1.0, top_p=0.9))
+  assert set(np.unique(nucleus)) == {0, 1, 2}  # 0.5 + 0.3 < 0.9 so the third token is still in
+  full = np.asarray(generate.sample_tokens(logits_BV, keys, temperature=1.0))
+  assert abs((full == 0).mean() - 0.5) < 0.05 and (full == 3).any()
+
+
+def test_caption_and_complete_batch(gen, tok):
+  images = gen.text_to_image(PROMPTS, seed=0, steps=3)
+  caps = gen.caption([images[0], images[1][:8]], max_tokens=6)  # any size is resized
+  assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+  assert gen.caption([images[1][:8], images[0]], max_tokens=6) == caps[::-1]  # greedy, row-independent
+  texts = gen.complete(PROMPTS, max_tokens=6, temperature=1.0, top_k=5, seed=1)
+  assert texts == gen.complete(PROMPTS, max_tokens=6, temperature=1.0, top_k=5, seed=1)
+  with pytest.raises(generate.ImageReadError):
+    gen.caption([np.zeros((8, 8), np.uint8)])
+
+
+def test_log_likelihood_matches_forward_and_ignores_padding(gen, tok):
+  lp, count = gen.log_likelihood(["a red circle", "two"])
+  alone, _ = gen.log_likelihood(["two"])
+  np.testing.assert_allclose(lp[1], alone[0], atol=1e-4)
+  ex = examples.text_example(tok.encode("two"), tok, gen.patch_dim)
+  batch, _ = generate.left_pad([ex], len(ex["tokens"]))
+  logp = jax.nn.log_softmax(full_forward(gen, batch)[0][0], axis=-1)
+  ids = ex["tokens"]
+  assert count[1] == len(ids) - 1
+  np.testing.assert_allclose(lp[1], sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def image_loving_gen(gen, tok):
+  """The same engine (and compiled programs) with params rigged so greedy decoding always wants BOI:
+  blocks output zero, every embedding has a large first coordinate, only BOI's LM-head column reads it."""
+  model = nnx.merge(gen.graphdef, gen.params)
+  for block in model.blocks:
+    block.attn.o.kernel[...] = jnp.zeros_like(block.attn.o.kernel[...])
+    block.mlp.down.kernel[...] = jnp.zeros_like(block.mlp.down.kernel[...])
+  model.embed.table[...] = model.embed.table[...].at[:, 0].set(100.0)
+  model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...]).at[0, tok.boi_id].set(1.0)
+  rigged = copy.copy(gen)
+  rigged.params = nnx.state(model)
+  return rigged
+
+
+def test_generate_interleaved_several_images(image_loving_gen, gen, tok):
+  out = image_loving_gen.generate(["a red circle"], max_tokens=4, max_images=2, steps=3)
+  assert [type(o).__name__ for o in out] == ["ndarray", "ndarray", "str"]
+  assert out[0].shape == (16, 16, 3) and out[0].dtype == np.uint8
+  # an image in the prompt, then a forced image: the output starts with that image
+  out = gen.generate([out[0], "a red circle"], image_next=True, max_tokens=4, max_images=1, steps=3)
+  assert out[0].shape == (16, 16, 3)
+  with pytest.raises(ValueError, match="empty"):
+    gen.generate(["", ""])
