@@ -139,8 +139,11 @@ def test_packing_keeps_every_token_and_patch_and_never_splits_an_image():
 
 def test_packing_state_restores_at_every_record():
   exs = _random_examples(np.random.default_rng(1), 60, 16)
-  ds = packing.PackIterDataset(grain.MapDataset.source(exs).to_iter_dataset(), seq_len=64,
-                               pad_id=TOK.pad_id, max_images=2)
+  texts = [e for e in exs if e["splittable"]]
+  pairs = [e for e in exs if not e["splittable"]]
+  ds = packing.MixPackIterDataset([grain.MapDataset.source(pairs).to_iter_dataset(),
+                                   grain.MapDataset.source(texts).to_iter_dataset()], [0.5, 0.5],
+                                  seq_len=64, pad_id=TOK.pad_id, max_images=2)
   it = iter(ds)
   states, records = [], []
   while True:
@@ -153,6 +156,37 @@ def test_packing_state_restores_at_every_record():
     again = iter(ds)
     again.set_state(states[start])
     _assert_batches_equal(records[start:], list(again))
+
+
+def _segments(records):
+  """(is_image_pair, tokens) of every packed segment, in order."""
+  out = []
+  for r in records:
+    for s in range(1, r["segment_ids"].max() + 1):
+      m = r["segment_ids"] == s
+      out.append((bool(r["image_ids"][m].any()), r["tokens"][m]))
+  return out
+
+
+def test_mixing_by_position_shares_fills_gaps_with_text():
+  rng = np.random.default_rng(2)
+  exs = _random_examples(rng, 400, 16)
+  texts = [e for e in exs if e["splittable"]]
+  pairs = [e for e in exs if not e["splittable"]]
+  for w_image in (0.5, 0.8):
+    streams = [grain.MapDataset.source(pairs).repeat().to_iter_dataset(),
+               grain.MapDataset.source(texts).repeat().to_iter_dataset()]
+    it = iter(packing.MixPackIterDataset(streams, [w_image, 1 - w_image], seq_len=64, pad_id=0, max_images=2))
+    records = [next(it) for _ in range(300)]
+    segs = _segments(records)
+    image_positions = sum(len(t) for is_img, t in segs if is_img)
+    share = image_positions / sum(len(t) for _, t in segs)
+    fill = np.mean([(r["segment_ids"] > 0).mean() for r in records])
+    assert abs(share - w_image) < 0.03 and fill > 0.99, (w_image, share, fill)
+    # Each stream keeps its own order: the pairs come out as the source lists them.
+    firsts = [t for is_img, t in segs if is_img][:len(pairs)]
+    for got, ex in zip(firsts, pairs):
+      np.testing.assert_array_equal(got, ex["tokens"])
 
 
 def test_oversized_image_example_is_a_clear_error():

@@ -81,8 +81,8 @@ def default() -> ml_collections.ConfigDict:
   dt.text = "pydoc_topics"           # text-only source: built-in name or prepared dir ("" = none)
   dt.data_dir = ""                   # where tfds datasets live ("" = ~/tensorflow_datasets)
   dt.tokenizer = ""                  # SentencePiece .model path ("" = built for the default data)
-  dt.image_text_weight = 0.5         # mixture weight of image-caption examples
-  dt.text_weight = 0.5               # mixture weight of text documents
+  dt.image_text_weight = 0.5         # share of positions (tokens + patches) from image-caption examples
+  dt.text_weight = 0.5               # share of positions from text documents (paper: 1:1 with images)
   dt.caption_first_fraction = 0.8    # share of pairs as caption->image (rest image->caption)
   dt.caption_dropout = 0.1           # drop the caption of caption-first pairs (for CFG)
   dt.shuffle_buffer_seed = 0         # shuffle seed offset (added to c.seed)

@@ -1,10 +1,13 @@
-"""Packing examples (tfx.data.examples) into fixed-length records (tfx/record.py).
+"""Packing and mixing examples (tfx.data.examples) into fixed-length records (tfx/record.py).
 
-Next-fit packing: examples fill one record in order. A text document may be cut
-at the record end (its rest opens the next record as a new segment); an
-image-caption pair is never cut: if it does not fit, or the record already
-holds max_images images, the record is closed and the pair opens the next one.
-Every token and patch of the input appears in the output exactly once.
+Records are filled from one or more example streams. The next piece always
+comes from the stream furthest below its share of positions (weights), so the
+output honours the mixture in tokens + patches. A text document may be cut at
+the record end (its rest opens the next record as a new segment); an
+image-caption pair is never cut: if it does not fit, or the record already holds
+max_images images, the gap is filled from a splittable (text) stream if there
+is one, and the pair waits for the next record. Every token and patch of the
+input appears in the output exactly once, each stream in its own order.
 """
 import copy
 
@@ -80,77 +83,115 @@ def pack_one(example, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   return b.finish()
 
 
-class _PackIterator(grain.DatasetIterator):
-  """State: the parent's state before the example being packed, and how much of it is used."""
+class _Stream:
+  """One example stream with the example it is in the middle of (held until fully packed)."""
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, max_images: int):
-    super().__init__(parent)
+  def __init__(self, it: grain.DatasetIterator):
+    self.it = it
+    self.pending = None
+    self.state_before = None   # the iterator's state before `pending` was read
+    self.offset = 0            # positions of `pending` already packed
+    self.done = False
+
+  def peek(self):
+    if self.pending is None and not self.done:
+      self.state_before = copy.deepcopy(self.it.get_state())
+      try:
+        self.pending, self.offset = next(self.it), 0
+      except StopIteration:
+        self.done = True
+    return self.pending
+
+  def consumed(self, n: int) -> None:
+    self.offset += n
+    if self.offset >= examples_lib.length(self.pending):
+      self.pending = None
+
+  def get_state(self) -> dict:
+    if self.pending is None:
+      return {"parent": self.it.get_state(), "pending": False, "offset": 0}
+    return {"parent": copy.deepcopy(self.state_before), "pending": True, "offset": self.offset}
+
+  def set_state(self, state: dict) -> None:
+    self.it.set_state(state["parent"])
+    self.pending, self.done = None, False
+    if state["pending"]:
+      if self.peek() is None:
+        raise ValueError("packing state points past the end of its input")
+      self.offset = int(state["offset"])
+
+
+class _MixPackIterator(grain.DatasetIterator):
+  """State: per stream (state before its pending example, offset into it) and positions emitted."""
+
+  def __init__(self, parents: list, weights: list[float], seq_len: int, pad_id: int, max_images: int):
+    super().__init__(parents)
+    self._streams = [_Stream(p) for p in parents]
+    self._weights = [float(w) for w in weights]
+    self._emitted = [0] * len(parents)
     self._seq_len, self._pad_id, self._max_images = seq_len, pad_id, max_images
-    self._pending = None
-    self._pending_state = None
-    self._offset = 0
 
-  def _read(self) -> bool:
-    self._pending_state = copy.deepcopy(self._parent.get_state())
-    try:
-      self._pending = next(self._parent)
-    except StopIteration:
-      self._pending = None
-      return False
-    self._offset = 0
-    return True
+  def _check(self, ex) -> None:
+    if examples_lib.length(ex) > self._seq_len:
+      raise ValueError(f"an image-caption example of {examples_lib.length(ex)} positions cannot fit "
+                       f"seq_len={self._seq_len}; raise seq_len or lower data.max_caption_tokens")
+    if examples_lib.num_images(ex) > self._max_images:
+      raise ValueError(f"an example holds {examples_lib.num_images(ex)} images but "
+                       f"image.max_images_per_seq={self._max_images}")
+
+  def _place_one(self, b: RecordBuilder) -> bool:
+    """Adds one piece from the stream most behind its share; False if nothing fits."""
+    order = sorted(range(len(self._streams)), key=lambda i: (self._emitted[i] / self._weights[i], i))
+    for i in order:
+      stream = self._streams[i]
+      ex = stream.peek()
+      if ex is None:
+        continue
+      if bool(ex["splittable"]):
+        n = b.add(ex, stream.offset)
+      else:
+        self._check(ex)
+        if not b.fits_whole(ex):
+          continue
+        n = b.add(ex)
+      stream.consumed(n)
+      self._emitted[i] += n
+      return True
+    return False
 
   def __next__(self) -> dict[str, np.ndarray]:
     b = RecordBuilder(self._seq_len, self._pad_id, self._max_images)
-    while b.room > 0:
-      if self._pending is None and not self._read():
-        if b.pieces:
-          return b.finish()
-        raise StopIteration
-      ex = self._pending
-      if bool(ex["splittable"]):
-        self._offset += b.add(ex, self._offset)
-        if self._offset >= examples_lib.length(ex):
-          self._pending = None
-        continue
-      if examples_lib.length(ex) > self._seq_len:
-        raise ValueError(f"an image-caption example of {examples_lib.length(ex)} positions cannot fit "
-                         f"seq_len={self._seq_len}; raise seq_len or lower data.max_caption_tokens")
-      if examples_lib.num_images(ex) > self._max_images:
-        raise ValueError(f"an example holds {examples_lib.num_images(ex)} images but "
-                         f"image.max_images_per_seq={self._max_images}")
-      if not b.fits_whole(ex):
-        return b.finish()
-      b.add(ex)
-      self._pending = None
+    while b.room > 0 and self._place_one(b):
+      pass
+    if not b.pieces:
+      raise StopIteration
     return b.finish()
 
   def get_state(self) -> dict:
-    if self._pending is None:
-      return {"parent": self._parent.get_state(), "pending": False, "offset": 0}
-    return {"parent": copy.deepcopy(self._pending_state), "pending": True, "offset": self._offset}
+    return {"streams": [s.get_state() for s in self._streams], "emitted": list(self._emitted)}
 
   def set_state(self, state: dict) -> None:
-    self._parent.set_state(state["parent"])
-    self._pending = None
-    if state["pending"]:
-      if not self._read():
-        raise ValueError("packing state points past the end of its input")
-      self._offset = int(state["offset"])
+    for stream, st in zip(self._streams, state["streams"]):
+      stream.set_state(st)
+    self._emitted = [int(e) for e in state["emitted"]]
 
 
-class PackIterDataset(grain.IterDataset):
-  """Packs an IterDataset of examples into records of `seq_len` positions."""
+class MixPackIterDataset(grain.IterDataset):
+  """Mixes IterDatasets of examples by position shares `weights` and packs them into records."""
 
-  def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int, max_images: int):
-    super().__init__(parent)
+  def __init__(self, parents: list, weights: list[float], *, seq_len: int, pad_id: int, max_images: int):
+    if len(parents) != len(weights) or not parents or min(weights) <= 0:
+      raise ValueError(f"need one positive weight per stream, got {weights} for {len(parents)} streams")
+    super().__init__(list(parents))
+    self._weights = list(weights)
     self._seq_len, self._pad_id, self._max_images = seq_len, pad_id, max_images
 
-  def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._max_images)
+  def __iter__(self) -> _MixPackIterator:
+    return _MixPackIterator([p.__iter__() for p in self._parents], self._weights, self._seq_len,
+                            self._pad_id, self._max_images)
 
 
 def pack_examples(examples: list, *, seq_len: int, pad_id: int, max_images: int) -> list[dict]:
-  """All records from a list of examples (the iterator above, run to the end)."""
+  """All records from one list of examples, packed in order (the iterator above, run to the end)."""
   ds = grain.MapDataset.source(examples).to_iter_dataset()
-  return list(PackIterDataset(ds, seq_len=seq_len, pad_id=pad_id, max_images=max_images))
+  return list(MixPackIterDataset([ds], [1.0], seq_len=seq_len, pad_id=pad_id, max_images=max_images))

@@ -1,8 +1,11 @@
-"""The Grain input pipeline: sources -> host slice -> shuffle/repeat -> examples -> mix -> pack -> batch.
+"""The Grain input pipeline: sources -> host slice -> shuffle/repeat -> examples -> mix+pack -> batch.
 
-Everything up to mixing is a MapDataset (random access, index-seeded randomness),
-so the iterator state is small and exactly restorable; packing keeps the one
-example it is in the middle of as (parent state, offset). Each host reads the
+Mixture weights are shares of positions (text tokens + patches), as the paper's
+1:1 text-to-image tokens; tfx.data.packing mixes and packs in one step, so text
+fills the gaps image-caption pairs leave. Each source up to packing is a
+MapDataset (random access, index-seeded randomness), so the iterator state is
+small and exactly restorable; packing keeps the example each stream is in the
+middle of as (parent state, offset). Each host reads the
 disjoint slice [process_index::process_count] of every source.
 """
 import grain
@@ -130,9 +133,8 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
     weights.append(d.text_weight)
   if not parts:
     raise ValueError("no data: set data.image_text and/or data.text with a positive weight")
-  mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  packed = packing.PackIterDataset(mixed.to_iter_dataset(), seq_len=config.seq_len, pad_id=tok.pad_id,
-                                   max_images=config.image.max_images_per_seq)
+  packed = packing.MixPackIterDataset([p.to_iter_dataset() for p in parts], weights, seq_len=config.seq_len,
+                                      pad_id=tok.pad_id, max_images=config.image.max_images_per_seq)
   batched = packed.batch(config.global_batch_size // process_count, drop_remainder=True)
   if d.worker_count > 0:
     if not flags.FLAGS.is_parsed():   # Grain's workers read absl flags; outside an absl app use defaults
