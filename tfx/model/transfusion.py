@@ -120,7 +120,7 @@ class Transfusion(nnx.Module):
     return x_BLD, new_cache
 
   def __call__(self, batch, t_BL, *, cache=None):
-    """(logits_BLV fp32, patch_out_BLP fp32, new_cache); batch fields per tfx/record.py."""
+    """(logits_BLV fp32, patch_out_BLP fp32 (0 off images), new_cache); batch fields per tfx/record.py."""
     modality_BL = batch["modality"]
     segment_BL, positions_BL = batch["segment_ids"], batch["positions"]
     is_image_BL1 = (modality_BL == record.IMAGE)[..., None]
@@ -136,5 +136,5 @@ class Transfusion(nnx.Module):
     else:
       logits_BLV = self.lm_head(x_BLD)
     logits_BLV = mesh.constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
-    patch_out_BLP = self.patches.decode(x_BLD, ctx)
+    patch_out_BLP = jnp.where(is_image_BL1, self.patches.decode(x_BLD, ctx), 0.0)
     return logits_BLV, patch_out_BLP, new_cache

@@ -1,0 +1,186 @@
+"""The Transfusion model: causality and isolation, scan/remat equivalence, U-Net patch sizes, presets, FLOPs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tfx.config
+import tfx.model
+from tfx import patching
+from tfx.model import flops, modality, presets
+
+from core_batches import random_batch
+
+L = 64
+
+
+def _config(**model):
+  c = tfx.config.default()
+  c.model.preset = "tiny"
+  c.image.resolution, c.image.patch_size, c.autoencoder.latent_channels = 8, 2, 3  # n=16, P=12
+  c.model.update(model)
+  return c
+
+
+_FORWARD = {}
+
+
+def _forward(encoder):
+  """(jitted forward, params) of a tiny model, built once per encoder."""
+  if encoder not in _FORWARD:
+    model = tfx.model.build_model(_config(encoder=encoder), nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    fn = jax.jit(lambda params, batch, t: nnx.merge(graphdef, params)(batch, t)[:2])
+    _FORWARD[encoder] = (fn, params)
+  return _FORWARD[encoder]
+
+
+def _batch():
+  """One row: two segments, each with text, an image (16 patches) and more text; then padding."""
+  rng = np.random.default_rng(11)
+  while True:
+    b = random_batch(rng, 1, L, 16, 12, vocab=200, max_images=1, min_segments=2)
+    seg, mod = b["segment_ids"][0], b["modality"][0]
+    if all(mod[seg == s].any() for s in (1, 2)) and (seg == 0).any() and mod[seg == 1][0] == 0:
+      return b
+
+
+def _run(encoder, batch, t):
+  fn, params = _forward(encoder)
+  logits, out = fn(params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(t))
+  return np.asarray(logits), np.asarray(out)
+
+
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+def test_causality_and_isolation(encoder):
+  batch = _batch()
+  seg, image = batch["segment_ids"][0], batch["modality"][0] == 1
+  t = np.where(image, 400.0, 0.0)[None].astype(np.float32)
+  logits, out = _run(encoder, batch, t)
+  idx = np.arange(L)
+  first_image = np.flatnonzero(image & (seg == 1))
+  start, end = first_image[0], first_image[-1]
+
+  # a later text token never changes an earlier position
+  j = end + 2  # the text after EOI
+  assert seg[j] == 1 and not image[j]
+  changed = dict(batch, tokens=batch["tokens"].copy())
+  changed["tokens"][0, j] = (changed["tokens"][0, j] + 7) % 200
+  lo2, out2 = _run(encoder, changed, t)
+  np.testing.assert_allclose(lo2[0, idx < j], logits[0, idx < j], atol=1e-6)
+  np.testing.assert_allclose(out2[0, idx < j], out[0, idx < j], atol=1e-6)
+  assert np.abs(lo2[0, j] - logits[0, j]).max() > 1e-4
+
+  # a patch changes the other patches of its image, nothing before the image, nothing in segment 2
+  changed = dict(batch, patches=batch["patches"].copy())
+  p = start + 5
+  changed["patches"][0, p] += 1.0
+  lo3, out3 = _run(encoder, changed, t)
+  before = idx < start
+  np.testing.assert_allclose(lo3[0, before], logits[0, before], atol=1e-6)
+  np.testing.assert_allclose(out3[0, before], out[0, before], atol=1e-6)
+  others = image & (seg == 1) & (idx != p)
+  assert (np.abs(out3[0, others] - out[0, others]).max(-1) > 1e-6).all()
+  second = seg == 2
+  np.testing.assert_allclose(lo3[0, second], logits[0, second], atol=1e-6)
+  np.testing.assert_allclose(out3[0, second], out[0, second], atol=1e-6)
+
+  # the first token of segment 1 reaches nothing in segment 2
+  changed = dict(batch, tokens=batch["tokens"].copy())
+  changed["tokens"][0, 0] = (changed["tokens"][0, 0] + 3) % 200
+  lo4, out4 = _run(encoder, changed, t)
+  np.testing.assert_allclose(lo4[0, second], logits[0, second], atol=1e-6)
+  np.testing.assert_allclose(out4[0, second & image], out[0, second & image], atol=1e-6)
+  assert np.abs(lo4[0, seg == 1] - logits[0, seg == 1]).max() > 1e-4
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_unet_works_for_patch_sizes(k):
+  """An 8x8x3 grid as k x k patches: per-image outputs come back in place, images stay separate."""
+  n, p_dim = (8 // k) ** 2, k * k * 3
+  layers = modality.UNetPatches(patch_size=k, channels=3, grid_side=8 // k, d_model=32, widths=(8, 16),
+                                blocks_per_level=1, t_embed_dim=16, max_images=2, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layers)
+
+  @jax.jit
+  def run(state, patches, t, modality_BL):
+    mod = nnx.merge(graphdef, state)
+    x, ctx = mod.encode(patches, t, modality_BL)
+    return x, mod.decode(x, ctx)
+
+  length = 2 * n + 3
+  mod_L = np.zeros(length, np.int32)
+  mod_L[1:1 + n] = 1
+  mod_L[2 + n:2 + 2 * n] = 1
+  rng = np.random.default_rng(k)
+  patches = rng.normal(size=(1, length, p_dim)).astype(np.float32)
+  t = np.full((1, length), 300.0, np.float32)
+  x, out = run(state, patches, t, mod_L[None])
+  assert x.shape == (1, length, 32) and out.shape == (1, length, p_dim)
+  patches2 = patches.copy()
+  patches2[0, 1] += 1.0  # first image's first patch
+  x2, out2 = run(state, patches2, t, mod_L[None])
+  second = np.arange(length) >= 2 + n
+  np.testing.assert_allclose(out2[0, second], out[0, second], atol=1e-6)
+  assert np.abs(out2[0, 1:1 + n] - out[0, 1:1 + n]).max() > 1e-4
+  with pytest.raises(ValueError, match="power-of-two"):
+    modality.UNetPatches(patch_size=3, channels=3, grid_side=2, d_model=8, widths=(8,), blocks_per_level=1,
+                         t_embed_dim=8, max_images=1, rngs=nnx.Rngs(0))
+
+
+def test_scan_and_remat_match_the_plain_loop():
+  """Same params: scan_layers + remat="dots" gives the plain loop's loss and gradients."""
+  from tfx import losses
+  loop = tfx.model.build_model(_config(), nnx.Rngs(0))
+  scanned = tfx.model.build_model(_config(scan_layers=True, remat="dots"), nnx.Rngs(0))
+  blocks = nnx.to_pure_dict(nnx.state(loop.blocks, nnx.Param))
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(len(loop.blocks))])
+  scanned_state = nnx.state(scanned.blocks, nnx.Param)
+  nnx.replace_by_pure_dict(scanned_state, stacked)  # values only; keeps the 'layers' axis names
+  nnx.update(scanned.blocks, scanned_state)
+  for name in ("embed", "patches", "final_norm", "lm_head"):
+    nnx.update(getattr(scanned, name), nnx.state(getattr(loop, name)))
+  batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(5), 2, L, 16, 12, 200, 2).items()}
+  config = _config()
+
+  def loss_and_grad(model):
+    graphdef, params = nnx.split(model)
+    def loss(params):
+      return losses.transfusion_loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(0), config)[0]
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (l1, g1), (l2, g2) = loss_and_grad(loop), loss_and_grad(scanned)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  gb = nnx.to_pure_dict(g1["blocks"])
+  g1_stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[gb[i] for i in range(len(loop.blocks))])
+  for a, b in zip(jax.tree.leaves(g1_stacked), jax.tree.leaves(nnx.to_pure_dict(g2["blocks"]))):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(presets.PAPER_SIZES))
+def test_paper_preset_param_counts_within_5_percent(name):
+  c = tfx.config.default()
+  c.model.preset = name
+  model = flops.abstract_model(presets.resolve(c))
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+  count = sum(int(np.prod(x.shape)) for x in leaves)
+  assert abs(count / presets.PAPER_SIZES[name] - 1) < 0.05, count
+
+
+def test_flops_report():
+  c = _config()
+  r = flops.report(c)
+  m = presets.resolve(c).model
+  assert r["params"] == r["params_embedding"] + r["params_blocks"] + r["params_modality"] + r["params_lm_head"] + 64
+  per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64  # q,o + k,v (2 kv heads) + swiglu + norms
+  assert r["params_blocks"] == m.n_layers * per_layer
+  assert r["flops_per_token"] == 6 * (r["params_blocks"] + r["params_lm_head"]) + 12 * 2 * c.seq_len * 4 * 16
+  # linear encoder: in/out projections and the timestep MLP, about 2 FLOPs per weight, x3 for training
+  linear_weights = 12 * 64 * 2 + 32 * 64 + 64 * 64
+  assert 0.9 < r["modality_flops_per_image_token"] / (6 * linear_weights) < 1.3
+  bad = tfx.config.default()
+  bad.model.preset = "9B"
+  with pytest.raises(ValueError, match="unknown model.preset"):
+    presets.resolve(bad)

@@ -1,0 +1,73 @@
+"""Parameter count and training FLOPs per token for a config, from abstract shapes only."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tfx import patching, record
+from tfx.model import presets
+from tfx.model.transfusion import Transfusion, dims
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def abstract_model(config) -> Transfusion:
+  """The model with ShapeDtypeStructs for arrays (jax.eval_shape; allocates nothing)."""
+  return nnx.eval_shape(lambda: Transfusion(config, rngs=nnx.Rngs(0)))
+
+
+def _modality_forward_flops_per_image(config, model) -> float:
+  """Forward FLOPs of the modality layers (encode + decode) on one image, by XLA cost analysis
+  of the lowered (never compiled or run) computation."""
+  im, ae = config.image, config.autoencoder
+  n = patching.num_patches(im.resolution // ae.downsample, im.patch_size)
+  p = patching.patch_dim(im.patch_size, ae.latent_channels)
+  graphdef, state = nnx.split(model.patches)
+
+  def forward(state, patches_BLP, t_BL, x_BLD):
+    layers = nnx.merge(graphdef, state)
+    modality_BL = jnp.full(t_BL.shape, record.IMAGE, jnp.int32)
+    encoded, ctx = layers.encode(patches_BLP, t_BL, modality_BL)
+    return encoded, layers.decode(x_BLD, ctx)
+
+  args = (state, jax.ShapeDtypeStruct((1, n, p), jnp.float32), jax.ShapeDtypeStruct((1, n), jnp.float32),
+          jax.ShapeDtypeStruct((1, n, config.model.d_model), jnp.float32))
+  cost = jax.jit(forward).lower(*args).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / n
+
+
+def report(config) -> dict:
+  """params (total and by part) and training FLOPs per token (forward + backward = 3x forward).
+
+  flops_per_token = 6 * (block + LM-head matmul params) + 12 * layers * seq_len * heads * head_dim
+  (dense attention over the whole sequence, as the CPU kernel computes it). Image tokens add
+  `modality_flops_per_image_token` (the patch encoder/decoder or U-Net, measured).
+  """
+  config = presets.resolve(config)
+  m = config.model
+  model = abstract_model(config)
+  params = nnx.state(model, nnx.Param)
+  total = _count(params)
+  embedding = _count(nnx.state(model.embed, nnx.Param))
+  blocks = _count(nnx.state(model.blocks, nnx.Param))
+  modality = _count(nnx.state(model.patches, nnx.Param))
+  head = embedding if model.lm_head is None else _count(nnx.state(model.lm_head, nnx.Param))
+  head_dim = dims(config)["head_dim"]
+  dense_flops = 6.0 * (blocks + head)
+  attention_flops = 12.0 * m.n_layers * config.seq_len * m.n_heads * head_dim
+  modality_flops = 3.0 * _modality_forward_flops_per_image(config, model)
+  return dict(
+      params=total,
+      params_embedding=embedding,
+      params_blocks=blocks,
+      params_modality=modality,
+      params_lm_head=0 if model.lm_head is None else head,
+      flops_per_token=dense_flops + attention_flops,
+      attention_flops_per_token=attention_flops,
+      modality_flops_per_image_token=modality_flops,
+      flops_per_image_token=dense_flops + attention_flops + modality_flops,
+      seq_len=int(config.seq_len),
+  )
