@@ -103,14 +103,15 @@ def test_token_nll_matches_numpy():
 # -- aggregation with a stand-in scorer (the real scorer's cases are below) -----
 
 def test_t2i_summary_counts_kinds_attributes_and_held_out():
-  prompts = [t2i.Prompt("a red circle", "one_object", False), t2i.Prompt("two blue squares", "count", True),
+  prompts = [t2i.Prompt("a red circle", "single", False), t2i.Prompt("two blue squares", "count", True),
              t2i.Prompt("a red circle above a blue square", "relation", True)]
   verdicts = [dict(passed=True, color=True, shape=True, count=True, position=None),
               dict(passed=False, color=True, shape=False, count=False, position=None),
               dict(passed=False, color=True, shape=True, count=True, position=False)]
+  verdicts[0]["position"] = True  # the scorer's answer for captions without a relation: not counted
   s = t2i.summarize(prompts, verdicts)
   assert s["t2i_pass"] == pytest.approx(1 / 3)
-  assert (s["t2i_pass_one_object"], s["t2i_pass_count"], s["t2i_pass_relation"]) == (1.0, 0.0, 0.0)
+  assert (s["t2i_pass_single"], s["t2i_pass_count"], s["t2i_pass_relation"]) == (1.0, 0.0, 0.0)
   assert s["t2i_shape_acc"] == pytest.approx(2 / 3) and s["t2i_position_acc"] == 0.0
   assert s["t2i_heldout_pass"] == 0.0 and s["t2i_heldout_color_acc"] == 1.0
   assert "t2i_heldout_pass_one_object" not in s

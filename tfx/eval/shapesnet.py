@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-FEATURE_DIM = 64
+FEATURE_DIM = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +25,15 @@ class ShapesNetSpec:
 
 
 class ShapesNet(nnx.Module):
-  """3 strided convs -> mean pool -> features [B, FEATURE_DIM] -> heads x classes logits."""
+  """3 convs (2 strided) -> flatten -> features [B, FEATURE_DIM] -> heads x classes logits."""
 
   def __init__(self, spec: ShapesNetSpec, rngs: nnx.Rngs):
     self.spec = spec
     self.conv1 = nnx.Conv(3, 32, (3, 3), strides=2, rngs=rngs)
     self.conv2 = nnx.Conv(32, 64, (3, 3), strides=2, rngs=rngs)
-    self.conv3 = nnx.Conv(64, 64, (3, 3), strides=1, rngs=rngs)
-    self.features = nnx.Linear(64, FEATURE_DIM, rngs=rngs)
+    self.conv3 = nnx.Conv(64, 32, (3, 3), strides=1, rngs=rngs)
+    side = spec.resolution // 4
+    self.features = nnx.Linear(side * side * 32, FEATURE_DIM, rngs=rngs)
     self.head = nnx.Linear(FEATURE_DIM, spec.num_heads * spec.num_classes, rngs=rngs)
 
   def embed(self, images_BHWC: jax.Array) -> jax.Array:
@@ -40,7 +41,7 @@ class ShapesNet(nnx.Module):
     x = jax.nn.gelu(self.conv1(images_BHWC))
     x = jax.nn.gelu(self.conv2(x))
     x = jax.nn.gelu(self.conv3(x))
-    return jax.nn.gelu(self.features(x.mean(axis=(1, 2))))
+    return jax.nn.gelu(self.features(x.reshape(x.shape[0], -1)))
 
   def __call__(self, images_BHWC: jax.Array) -> jax.Array:
     logits = self.head(self.embed(images_BHWC))

@@ -1,7 +1,7 @@
 """Text-to-image scores: the shapes scorer's verdicts on generated images, aggregated.
 
-Rates are fractions in [0, 1]: overall pass, pass per caption kind (one object,
-count, relation), colour / shape / count / position accuracies (over the
+Rates are fractions in [0, 1]: overall pass, pass per caption kind (single = one
+object, count, relation), colour / shape / count / position accuracies (over the
 prompts where the scorer judged that attribute), and the same for prompts whose
 colour-shape combinations never appear in training (`heldout_` prefix).
 """
@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 ATTRIBUTES = ("color", "shape", "count", "position")
-KINDS = ("one_object", "count", "relation")
+KINDS = ("single", "count", "relation")   # as tfx.data.shapes names them
 
 Scorer = Callable[[np.ndarray, str], dict]
 
@@ -40,7 +40,9 @@ def _summarize_group(verdicts: list[dict], kinds: list[str], prefix: str) -> dic
   for kind in KINDS:
     out[f"{prefix}pass_{kind}"] = _rate(v["passed"] for v, k in zip(verdicts, kinds) if k == kind)
   for attr in ATTRIBUTES:
-    out[f"{prefix}{attr}_acc"] = _rate(v.get(attr) for v in verdicts)
+    # only relation captions state a position (the scorer says True for the others)
+    out[f"{prefix}{attr}_acc"] = _rate(v.get(attr) for v, k in zip(verdicts, kinds)
+                                       if attr != "position" or k == "relation")
   return {k: v for k, v in out.items() if v is not None}
 
 

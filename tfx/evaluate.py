@@ -1,0 +1,165 @@
+"""`python -m tfx.evaluate --workdir=W`: scores a trained checkpoint; `quick_eval` for training.
+
+Writes WORKDIR/eval/<step>.json (metrics, options, sample captions), a PNG grid of
+generated images beside it, TensorBoard scalars under WORKDIR/tensorboard
+(tag eval/<metric>), and prints a short table. Sweeps: several --cfg_scales
+and/or --steps evaluate text-to-image once per combination.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+from tfx.eval import suite
+
+USAGE_ERROR = 2
+EVAL_SUBDIR = "eval"
+
+TABLE = [  # (metric, label, format)
+    ("t2i_pass", "text-to-image pass", "pct"),
+    ("t2i_pass_single", "  one object", "pct"),
+    ("t2i_pass_count", "  count", "pct"),
+    ("t2i_pass_relation", "  relation", "pct"),
+    ("t2i_color_acc", "  colour / shape", "pct2:t2i_shape_acc"),
+    ("t2i_count_acc", "  count / position", "pct2:t2i_position_acc"),
+    ("t2i_heldout_pass", "  held-out combinations", "pct"),
+    ("caption_exact_match", "caption exact match", "pct"),
+    ("caption_scorer_pass", "caption read back by scorer", "pct"),
+    ("caption_heldout_exact_match", "  held-out exact match", "pct"),
+    ("caption_cider_d", "caption CIDEr-D (x100)", "x100"),
+    ("ppl_text", "perplexity held-out text", "num"),
+    ("ppl_caption", "perplexity captions", "num"),
+    ("ppl_caption_given_image", "  given their image", "num"),
+    ("fd_shapesnet", "FD (ShapesNet features)", "num"),
+    ("fd_inception", "FD (Inception, FID)", "num"),
+    ("eval_seconds", "seconds", "num"),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m tfx.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  d = suite.Options()
+  p.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
+  p.add_argument("--split", default=d.split, help="image-caption split to evaluate")
+  p.add_argument("--num", type=int, default=d.num, help="pairs of --split (equal share per caption kind)")
+  p.add_argument("--num_heldout", type=int, default=d.num_heldout, help="pairs of held-out combinations")
+  p.add_argument("--cfg_scales", type=float, nargs="+", default=None, help="guidance scales (sweep)")
+  p.add_argument("--steps", type=int, nargs="+", default=None, help="denoising step counts (sweep)")
+  p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: config")
+  p.add_argument("--seed", type=int, default=d.seed)
+  p.add_argument("--batch_size", type=int, default=d.batch_size)
+  p.add_argument("--caption_tokens", type=int, default=d.caption_tokens, help="longest generated caption")
+  p.add_argument("--text_records", type=int, default=d.text_records, help="held-out text records for ppl")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--no_ema", action="store_true", help="use raw params even if EMA params exist")
+  p.add_argument("--shapesnet", default="", help="ShapesNet .npz (default WORKDIR/eval/shapesnet_<res>px.npz; "
+                                                 "trained and saved there if missing)")
+  p.add_argument("--inception_weights", default="", help="FID Inception .safetensors/.npz; adds fd_inception")
+  args = p.parse_args(argv)
+  for name in ("num", "batch_size", "caption_tokens", "text_records"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.num_heldout < 0:
+    p.error(f"--num_heldout must be >= 0, got {args.num_heldout}")
+  if args.steps and min(args.steps) < 1:
+    p.error(f"--steps must be >= 1, got {min(args.steps)}")
+  if args.inception_weights and not os.path.isfile(args.inception_weights):
+    p.error(f"--inception_weights {args.inception_weights} is not a file")
+  if not os.path.isdir(args.workdir):
+    p.error(f"--workdir {args.workdir} does not exist")
+  return args
+
+
+def format_table(metrics: dict[str, float]) -> str:
+  """The headline metrics, one per line."""
+  lines = []
+  for key, label, fmt in TABLE:
+    if key not in metrics:
+      continue
+    v = metrics[key]
+    if fmt == "pct":
+      text = f"{v:7.1%}"
+    elif fmt.startswith("pct2:"):
+      other = metrics.get(fmt[5:])
+      text = f"{v:7.1%}" + (f" / {other:.1%}" if other is not None else "")
+    elif fmt == "x100":
+      text = f"{100 * v:7.1f}"
+    else:
+      text = f"{v:7.2f}"
+    lines.append(f"{label:<32}{text}")
+  sweeps = sorted(k for k in metrics if k.startswith("t2i_pass@"))
+  lines += [f"{'text-to-image pass ' + k.split('@')[1]:<32}{metrics[k]:7.1%}" for k in sweeps]
+  return "\n".join(lines)
+
+
+def _free_path(directory: str, stem: str, ext: str) -> str:
+  """directory/stem.ext, or stem-1.ext, ... if taken: earlier results are never overwritten."""
+  path, i = os.path.join(directory, stem + ext), 0
+  while os.path.exists(path):
+    i += 1
+    path = os.path.join(directory, f"{stem}-{i}{ext}")
+  return path
+
+
+def write_results(workdir: str, step: int, result: suite.Result, options: suite.Options) -> str:
+  """WORKDIR/eval/<step>.json + <step>.png, TensorBoard scalars; returns the JSON path."""
+  from PIL import Image
+  from tensorboardX import SummaryWriter
+  from tfx import generate
+  out_dir = os.path.join(workdir, EVAL_SUBDIR)
+  os.makedirs(out_dir, exist_ok=True)
+  path = _free_path(out_dir, str(step), ".json")
+  samples = [{"reference": p.caption, "generated": c, "held_out": p.held_out}
+             for p, c in zip(result.pairs.prompts[:24], result.captions[:24])]
+  record = {"step": step, "metrics": result.metrics, "options": dataclasses.asdict(options),
+            "caption_samples": samples, "t2i_prompts": result.pairs.captions[:24]}
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, path)
+  Image.fromarray(generate.image_grid(result.images[:24], cols=8)).save(path[:-len(".json")] + ".png")
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  for key, value in result.metrics.items():
+    writer.add_scalar(f"eval/{key}", float(value), step)
+  writer.close()
+  return path
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from tfx import checkpoint
+  try:
+    config, model = checkpoint.restore_model(args.workdir, args.step, ema=not args.no_ema)
+  except checkpoint.NoCheckpointError as e:
+    print(f"tfx.evaluate: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+  step = args.step
+  if step is None:
+    ckpt = checkpoint.Checkpointer(args.workdir, read_only=True)
+    step = ckpt.latest_step()
+    ckpt.close()
+  options = suite.Options(
+      split=args.split, num=args.num, num_heldout=args.num_heldout,
+      cfg_scales=tuple(args.cfg_scales or (None,)), steps=tuple(args.steps or (None,)), sampler=args.sampler,
+      seed=args.seed, batch_size=args.batch_size, caption_tokens=args.caption_tokens,
+      text_records=args.text_records, inception=args.inception_weights,
+      shapesnet=args.shapesnet or os.path.join(args.workdir, EVAL_SUBDIR,
+                                               f"shapesnet_{config.image.resolution}px.npz"))
+  try:
+    result = suite.run(config, model, options)
+  except ValueError as e:
+    print(f"tfx.evaluate: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+  path = write_results(args.workdir, step, result, options)
+  print(f"step {step}: {len(result.pairs)} pairs ({args.split} + held-out)")
+  print(format_table(result.metrics))
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
