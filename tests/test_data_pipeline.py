@@ -42,6 +42,14 @@ def test_batches_follow_record_format(config):
   assert b["tokens"].max() < config.model.vocab_size
 
 
+def test_evaluation_splits(config):
+  for split in ("validation", "heldout"):
+    b = next(pipeline.make_iterator(config, split=split, process_index=0, process_count=1))
+    record.check(b, config.seq_len, P)
+  with pytest.raises(ValueError, match="no split 'nope'"):
+    pipeline.make_iterator(config, split="nope", process_index=0, process_count=1)
+
+
 def test_deterministic_for_a_seed(config):
   a = _take(pipeline.make_iterator(config, process_index=0, process_count=1), 3)
   _assert_batches_equal(a, _take(pipeline.make_iterator(config, process_index=0, process_count=1), 3))

@@ -116,6 +116,11 @@ def open_split(path: str, split: str):
   return builder.as_data_source(split=split)
 
 
+def split_names(path: str) -> set[str]:
+  """Split names of a dataset dir."""
+  return set(tfds.builder_from_directory(find_dataset_dir(path)).info.splits)
+
+
 def feature_names(path: str) -> set[str]:
   """Top-level feature names of a dataset dir."""
   builder = tfds.builder_from_directory(find_dataset_dir(path))

@@ -96,9 +96,16 @@ def _check_image_source(config, path: str) -> bool:
 
 
 def host_source(config, which: str, split: str, process_index: int, process_count: int) -> grain.MapDataset:
-  """This host's disjoint slice [process_index::process_count] of the "image_text" or "text" source."""
+  """This host's disjoint slice [process_index::process_count] of the "image_text" or "text" source.
+
+  A text source without the requested evaluation split (e.g. "test", "heldout")
+  is read from its "validation" split.
+  """
   name = config.data.image_text if which == "image_text" else config.data.text
-  ds = grain.MapDataset.source(builders.open_split(builtin.resolve(config, name), split))
+  path = builtin.resolve(config, name)
+  if which == "text" and split != "train" and split not in builders.split_names(path):
+    split = "validation"
+  ds = grain.MapDataset.source(builders.open_split(path, split))
   if len(ds) < process_count:
     raise ValueError(f"{name}[{split}] has {len(ds)} examples, fewer than the {process_count} hosts reading it")
   return ds[process_index::process_count]
