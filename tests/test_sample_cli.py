@@ -1,0 +1,103 @@
+"""`python -m tfx.sample` end to end against a tiny checkpoint trained here."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_testing
+from tfx import sample, trainer
+from tfx.data import shapes
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  c = data_testing.small_config()
+  c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 2, 2, 1
+  c.global_batch_size, c.seq_len = 8, 96
+  m = c.model
+  m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.t_embed_dim = 32, 1, 2, 2, 32
+  c.optim.warmup_steps, c.optim.ema_decay = 1, 0.9   # EMA params are what sampling loads
+  c.diffusion.sample_steps = 2                       # the CLI's default step count
+  wd = str(tmp_path_factory.mktemp("sample_cli") / "run")
+  trainer.run(c, wd)
+  return wd
+
+
+def run_cli(args, capsys):
+  code = sample.main(args)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_prompt_writes_pngs_and_grid(workdir, tmp_path, capsys):
+  out = tmp_path / "imgs"
+  code, _, err = run_cli(["--workdir", workdir, "--prompt", "a red circle", "--num", "3", "--out", str(out),
+                          "--seed", "1", "--cfg_scale", "2.5", "--sampler", "ddpm"], capsys)
+  assert code == 0, err
+  assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "grid.png"]
+  assert np.asarray(Image.open(out / "00000.png")).shape == (16, 16, 3)
+  assert "images 3/3" in err
+  # never overwrites: the same folder again is refused and the files stay
+  before = (out / "00000.png").read_bytes()
+  code, _, err = run_cli(["--workdir", workdir, "--prompt", "x", "--num", "1", "--out", str(out)], capsys)
+  assert code == 2 and "already holds 00000.png" in err and (out / "00000.png").read_bytes() == before
+
+
+def test_prompts_file_writes_manifest_in_batches(workdir, tmp_path, capsys):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle\n\ntwo blue squares\na green triangle\n")
+  out = tmp_path / "many"
+  code, _, err = run_cli(["--workdir", workdir, "--prompts_file", str(prompts), "--out", str(out),
+                          "--batch_size", "2", "--steps", "2", "--temperature", "0"], capsys)
+  assert code == 0, err
+  lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+  assert [x["prompt"] for x in lines] == ["a red circle", "two blue squares", "a green triangle"]
+  assert all((out / x["file"]).is_file() for x in lines)
+  assert "images 2/3" in err and "images 3/3" in err
+
+
+def test_image_captions_print_json_lines(workdir, tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  paths = [tmp_path / "a.png", tmp_path / "b.jpg"]
+  for p in paths:
+    Image.fromarray(shapes.render(shapes.sample_spec(rng))).save(p)
+  code, out, err = run_cli(["--workdir", workdir, "--image", *map(str, paths), "--max_tokens", "5"], capsys)
+  assert code == 0, err
+  rows = [json.loads(x) for x in out.splitlines()]
+  assert [r["image"] for r in rows] == list(map(str, paths))
+  assert all(isinstance(r["caption"], str) for r in rows)
+
+
+def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  code, _, err = run_cli(["--workdir", str(empty), "--prompt", "a", "--out", str(tmp_path / "o")], capsys)
+  assert code == 2 and "config.json" in err and len(err.strip().splitlines()) == 1
+  bad = tmp_path / "bad.png"
+  bad.write_text("not an image")
+  code, _, err = run_cli(["--workdir", workdir, "--image", str(bad)], capsys)
+  assert code == 2 and "cannot read image" in err and str(bad) in err
+  blank = tmp_path / "blank.txt"
+  blank.write_text("\n  \n")
+  code, _, err = run_cli(["--workdir", workdir, "--prompts_file", str(blank), "--out", str(tmp_path / "o")],
+                         capsys)
+  assert code == 2 and "holds no prompt" in err
+  for argv in (["--workdir", workdir, "--prompt", "  ", "--out", "o"],   # empty prompt
+               ["--workdir", workdir, "--out", "o"],                     # no mode
+               ["--workdir", workdir, "--prompt", "a"]):                 # no --out
+    with pytest.raises(SystemExit) as e:
+      sample.parse_args(argv)
+    assert e.value.code == 2
+  assert not (tmp_path / "o").exists()
+
+
+def test_entry_point_exit_code(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "tfx.sample", "--workdir", str(tmp_path), "--prompt", "a",
+                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("tfx.sample: error: no config.json")
