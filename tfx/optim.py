@@ -16,10 +16,14 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([ramp, cosine], boundaries=[warmup])
 
 
+# Path components that name a token-embedding table (never weight-decayed).
+EMBEDDING_NAMES = {"embed", "embedding", "embeddings", "tok_embeddings", "wte"}
+
+
 def _is_decayed(path, leaf) -> bool:
   """Weight decay on matrices and kernels only: not on norms, biases or embedding tables."""
-  names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
-  return jnp.ndim(leaf) >= 2 and not any("embed" in n for n in names)
+  names = {str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path}
+  return jnp.ndim(leaf) >= 2 and not names & EMBEDDING_NAMES
 
 
 def weight_decay_mask(params):

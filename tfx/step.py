@@ -38,7 +38,7 @@ def train_step_fn(config, graphdef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = None if state.ema is None else optim.ema_update(state.ema, params, ema_decay)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    lr=jnp.asarray(schedule(state.step), jnp.float32))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     return new_state, metrics

@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,6 +50,8 @@ def parse_flags(argv):
 
 
 def main(argv) -> None:
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:

@@ -2,12 +2,12 @@
 import contextlib
 import os
 import signal
+import sys
 import threading
 from typing import Callable
 
 import jax
 import numpy as np
-from absl import logging
 from etils import epath
 
 from tfx import checkpoint as ckpt_lib
@@ -134,7 +134,8 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
     target = factory.abstract_with_shardings().checkpoint_items()
     items = checkpointer.restore(start, target, iterator)
     state = factory.init_rest().replace_from_checkpoint(items)
-    logging.info("resumed from the checkpoint at step %d", start)
+    if is_chief:
+      print(f"resumed from the checkpoint at step {start} in {workdir}", file=sys.stderr)
   stop = min(config.stop_after_step or config.total_steps, config.total_steps)
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
@@ -181,7 +182,8 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
             handle(fetched)
           checkpointer.save(done, state.checkpoint_items(), iterator)
         if stopping:
-          logging.warning("SIGTERM: saved the checkpoint at step %d and stopping", done)
+          if is_chief:
+            print(f"preempted (SIGTERM): saved the checkpoint at step {done}; stopping", file=sys.stderr)
           break
       fetched = delayed.flush()
       if fetched:

@@ -1,0 +1,200 @@
+"""The training loop: optimizer, sharded state and step, exact resume, mesh change, NaN guard."""
+import json
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfx import checkpoint, mesh as mesh_lib, metrics, optim, state as state_lib, step as step_lib, trainer
+from tfx.data import pipeline
+from tfx.model import build_model
+from train_helpers import persistent_compile_cache, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  with persistent_compile_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+    yield
+
+
+def losses_by_step(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
+
+
+# -- optimizer --------------------------------------------------------------------
+
+def test_schedule_warmup_then_cosine_to_end_lr():
+  o = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, end_lr=1e-4))
+  schedule = optim.learning_rate_schedule(o, total_steps=110)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(5)), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(60)), (1e-3 + 1e-4) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(schedule(110)), 1e-4, rtol=1e-5)
+  short = optim.learning_rate_schedule(o, total_steps=4)  # warmup longer than the run
+  assert 0 < float(short(3)) < 1e-3
+
+
+def test_weight_decay_skips_norms_biases_embeddings():
+  params = {"embed": {"table": jnp.ones((8, 4))}, "lm_head": {"kernel": jnp.ones((4, 8))},
+            "final_norm": {"scale": jnp.ones(4)}, "proj": {"bias": jnp.ones(4), "kernel": jnp.ones((4, 4))},
+            "t_embed": {"fc1": {"kernel": jnp.ones((4, 4))}}}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {"embed": {"table": False}, "lm_head": {"kernel": True}, "final_norm": {"scale": False},
+                  "proj": {"bias": False, "kernel": True}, "t_embed": {"fc1": {"kernel": True}}}
+
+
+# -- sharded state and step ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batches():
+  config = tiny_config()
+  iterator = pipeline.make_iterator(config)
+  return config, [next(iterator) for _ in range(3)]
+
+
+def _run_steps(config, mesh, batches):
+  with jax.set_mesh(mesh):
+    tx = optim.make_optimizer(config)
+    factory = state_lib.StateFactory(config, tx, mesh, build_model)
+    state = factory.init()
+    shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batches[0].items()}
+    train_step = step_lib.jit_train_step(step_lib.train_step_fn(config, factory.graphdef, tx),
+                                         factory.shardings, shardings)
+    losses = []
+    for batch in batches:
+      state, m = train_step(state, jax.device_put(batch, shardings))
+      losses.append(float(m["loss"]))
+    return losses, state, factory
+
+
+def test_mesh_2x2x2_matches_one_device_and_follows_the_rules(batches):
+  config, data = batches
+  one = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  eight = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  losses_1, state_1, _ = _run_steps(config, one, data)
+  losses_8, state_8, factory = _run_steps(config, eight, data)
+  np.testing.assert_allclose(losses_8, losses_1, atol=1e-4)
+  assert losses_1[-1] != losses_1[0]  # it trained
+  assert int(state_8.step) == 3
+  # Every param (and its Adam moments) is laid out as the logical-axis rules say.
+  with jax.set_mesh(eight):
+    abstract = jax.eval_shape(lambda: nnx.split(
+        build_model(config, nnx.Rngs(0)), nnx.Param, ...)[1])
+  expected = state_lib._pure(mesh_lib.state_specs(abstract))
+  actual = jax.tree.map(lambda a: a.sharding.spec, state_8.params)
+  assert actual == expected
+  assert any(spec != jax.sharding.PartitionSpec() for spec in jax.tree.leaves(actual))
+  mu = state_8.opt_state[1][0].mu
+  assert jax.tree.map(lambda a: a.sharding.spec, mu) == expected
+  for a in jax.tree.leaves(state_8.params):
+    assert dict(a.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+# -- the loop: resume, mesh change, NaN ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """4 steps on mesh (8,1,1), never stopped: the reference run."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = trainer.run(tiny_config(**{"mesh.data": 8}), workdir)
+  return workdir, result
+
+
+def test_run_writes_config_metrics_checkpoints(uninterrupted):
+  workdir, result = uninterrupted
+  assert result["step"] == 4 and np.isfinite(result["loss"])
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["total_steps"] == 4 and saved["model"]["d_model"] == 32
+  records = metrics.read_metrics(workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  for key in ("loss", "lm_loss", "diff_loss", "grad_norm", "lr", "tokens_per_sec"):
+    assert key in records[-1], key
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class _SigtermBefore:
+  """Wraps an iterator; sends this process SIGTERM while fetching the batch of step `step`."""
+
+  def __init__(self, inner, step):
+    self.inner, self.step, self.count = inner, step, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+  def start_prefetch(self):
+    pass
+
+
+def test_sigterm_saves_and_resume_is_exact_even_on_another_mesh(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  config = tiny_config(**{"mesh.data": 8, "checkpoint_every_steps": 0})
+  preempted = lambda c, **kw: _SigtermBefore(pipeline.make_iterator(c, **kw), step=2)
+  first = trainer.run(config, tmp_path / "a", make_iterator=preempted)
+  assert first["step"] == 2  # finished step 2, saved, exited cleanly
+  assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+
+  resumed = trainer.run(config, tmp_path / "a")
+  assert resumed["step"] == 4
+  assert losses_by_step(tmp_path / "a") == losses_by_step(reference)  # the same floats
+  _, model_a = checkpoint.restore_model(reference, ema=False)
+  _, model_b = checkpoint.restore_model(tmp_path / "a", ema=False)
+  for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # The step-2 checkpoint written on mesh (8,1,1) restores on (2,4,1) and trains on.
+  trainer.run(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4}), tmp_path / "b")
+  got, want = losses_by_step(tmp_path / "b"), losses_by_step(reference)
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], atol=1e-4)
+
+
+class _PoisonedAt:
+  """Wraps a checkpointable iterator; the batch for step `bad_step` gets NaN patches."""
+
+  def __init__(self, inner, bad_step):
+    self.inner, self.bad_step, self.count = inner, bad_step, 0
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.count += 1
+    if self.count == self.bad_step:
+      batch = dict(batch, patches=np.full_like(batch["patches"], np.nan))
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+  def start_prefetch(self):
+    pass
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
+  config = tiny_config(**{"mesh.data": 8})
+  poisoned = lambda c, **kw: _PoisonedAt(pipeline.make_iterator(c, **kw), bad_step=3)
+  with pytest.raises(metrics.NonFiniteLossError, match="step 3"):
+    trainer.run(config, tmp_path, make_iterator=poisoned)
+  assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [2]
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2]
+  _, model = checkpoint.restore_model(tmp_path, ema=False)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))

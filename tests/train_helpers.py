@@ -1,0 +1,40 @@
+"""Shared by the train/checkpoint/CLI tests: the tiny config and a compile cache."""
+import contextlib
+import importlib.util
+import pathlib
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+  """experiments/shapes.py:tiny with dotted-key overrides, e.g. {"mesh.data": 8}."""
+  spec = importlib.util.spec_from_file_location("shapes_experiment", ROOT / "experiments" / "shapes.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(directory):
+  """Repeated runs of one config compile once (each trainer.run jits afresh)."""
+  old_dir = jax.config.jax_compilation_cache_dir
+  old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+    compilation_cache.reset_cache()
