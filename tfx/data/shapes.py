@@ -236,10 +236,11 @@ def _to_64(image: np.ndarray) -> np.ndarray:
 def classify_pixels(image: np.ndarray) -> np.ndarray:
   """Palette label per pixel: -1 background/unknown, else the index into COLORS.
 
-  A pixel is modelled as a blend of white and one palette colour; it takes the
-  colour whose white->colour line it lies closest to, if it is at least half ink.
+  After a slight blur, a pixel is modelled as a blend of white and one palette
+  colour; it takes the colour whose white->colour line it lies closest to, if it
+  is at least half ink.
   """
-  x_HW3 = _to_64(image)
+  x_HW3 = ndimage.gaussian_filter(_to_64(image), sigma=(0.7, 0.7, 0))   # tames speckle in generated images
   d_HW3 = np.float32(WHITE) - x_HW3
   alpha_HWC = np.clip(d_HW3 @ _AXIS.T / (_AXIS ** 2).sum(-1), 0.0, 1.0)
   resid_HWC = np.linalg.norm(d_HW3[:, :, None, :] - alpha_HWC[..., None] * _AXIS, axis=-1)
@@ -269,11 +270,11 @@ def _shape_of(mask_HW: np.ndarray) -> str:
 
 
 def detect(image: np.ndarray) -> list[Detection]:
-  """Objects in an image: one per connected region of one palette colour."""
+  """Objects in an image: one per connected region (holes filled) of one palette colour."""
   labels_HW = classify_pixels(image)
   found = []
   for ci, name in enumerate(_NAMES):
-    comps_HW, n = ndimage.label(labels_HW == ci)
+    comps_HW, n = ndimage.label(ndimage.binary_fill_holes(labels_HW == ci))
     for k in range(1, n + 1):
       mask_HW = comps_HW == k
       area = int(mask_HW.sum())
