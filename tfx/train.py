@@ -1,4 +1,6 @@
 """`python -m tfx.train --config=experiments/shapes.py --workdir=W`: flags, distributed init, trainer.run()."""
+import glob
+import importlib.util
 import json
 import os
 import sys
@@ -23,10 +25,9 @@ def usage_error(message: str) -> None:
 
 
 def _config_file(argv) -> str | None:
-  for arg in argv[1:]:
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1].split(":", 1)[0]
-  return None
+  """The --config=FILE[:ARG] file; the last one wins, as in absl."""
+  files = [a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:] if a.startswith("--config=")]
+  return files[-1] if files else None
 
 
 def _unknown_key_message(argv, error: Exception) -> str:
@@ -47,6 +48,12 @@ def parse_flags(argv):
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     usage_error(lines[-1] if lines else "bad flags")
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """libtpu installed and TPU chips attached (launch/tpu_pod.sh passes no process flags)."""
+  return (importlib.util.find_spec("libtpu") is not None
+          and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
 
 
 def main(argv) -> None:
@@ -71,6 +78,8 @@ def main(argv) -> None:
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _on_cloud_tpu_vm():
+    jax.distributed.initialize()  # finds the pod's coordinator and this worker's id itself
   from tfx import mesh, metrics, trainer
   try:
     result = trainer.run(config, _WORKDIR.value)
