@@ -148,6 +148,8 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
       flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=d.worker_count, per_worker_buffer_size=max(d.prefetch, 1)))
+  elif d.prefetch > 0:   # a background thread builds the next batches while the step runs
+    batched = grain.experimental.ThreadPrefetchIterDataset(batched, prefetch_buffer_size=d.prefetch)
   return batched
 
 
