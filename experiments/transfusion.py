@@ -1,0 +1,121 @@
+"""The paper's pretraining setups (Zhou et al. 2024, Table 2), at pod scale.
+
+  python -m tfx.train --workdir=gs://BUCKET/run \
+    --config=experiments/transfusion.py:size=7B,encoder=linear,patch=2,image_text=DIR,text=DIR,tokenizer=FILE,vae=DIR
+
+Arguments (comma-separated key=value):
+  size       0.16B | 0.37B | 0.76B | 1.4B | 7B (required)
+  encoder    linear (default) | unet: the modality layers (U-Net ~0.27B params at every size)
+  patch      latent cells per patch side: 2 (default; 256 patches per image), 4 or 8 (Table 6)
+  image_text a prepared image-caption dataset holding VAE latents (python -m tfx.data.prepare, then
+             the autoencoder's latent cache); text: a prepared text dataset; tokenizer: a SentencePiece
+             .model with the Llama 2 vocabulary size (32K); vae: the autoencoder folder
+  data_dir   where tfds datasets live (optional)
+
+Everything else is the paper's: 4096-token sequences, 2M-token batches (512 x 4096),
+250k steps (0.5T tokens), AdamW (0.9, 0.95, eps 1e-8, wd 0.1, clip 1.0), lr 3e-4
+with 4000 warmup steps and cosine decay to 1.5e-5, lambda 5, eps-prediction on a
+cosine schedule (T=1000) with noise limiting, caption first 80% of the time, text
+and image tokens mixed 1:1, 256 px images as 32x32x8 VAE latents, 250 DDPM steps
+at inference. The 7B headline run used 4M-token batches for 500k steps: add
+--config.global_batch_size=1024 --config.total_steps=500000.
+Sharding: pure FSDP over every device, bf16 compute, scanned layers with full
+remat; `python -m tfx.train --dry_run` reports the memory this needs per device.
+"""
+from tfx import config as tfx_config
+from tfx import patching
+
+SIZES = ("0.16B", "0.37B", "0.76B", "1.4B", "7B")
+ENCODERS = ("linear", "unet")
+PATCHES = (2, 4, 8)
+DATA_KEYS = ("image_text", "text", "tokenizer", "vae", "data_dir")
+SEQ_LEN = 4096
+TOKENS_PER_BATCH = 2 * 1024 * 1024
+LATENT_SIDE = 32                      # 256 px / VAE downsample 8
+# U-Net widths per patch size (one stride-2 level per halving) that give the
+# paper's ~0.27B-parameter U-Net (down + up blocks): 275M, 262M, 275M.
+UNET_CHANNELS = {2: (832, 1664), 4: (384, 768, 1536), 8: (352, 704, 1024, 1024)}
+UNET_BLOCKS_PER_LEVEL = 2
+# Mean caption length in tokens (image-caption data like the paper's licensed
+# set: short alt-text style captions); used only to balance text vs image tokens.
+CAPTION_TOKENS = 32
+
+
+def parse(arg: str) -> dict[str, str]:
+  """'size=7B,encoder=unet' -> {'size': '7B', 'encoder': 'unet'}, rejecting unknown keys."""
+  known = ("size", "encoder", "patch") + DATA_KEYS
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep or key not in known:
+      raise ValueError(f"experiments/transfusion.py: bad argument {part!r}; expected key=value with key in {known}")
+    out[key] = value
+  return out
+
+
+def get_config(arg: str = ""):
+  """The paper's configuration for `arg` (see the module docstring)."""
+  args = parse(arg)
+  size, encoder = args.get("size", ""), args.get("encoder", "linear")
+  if size not in SIZES:
+    raise ValueError(f"experiments/transfusion.py: unknown size {size!r}; choose one of {SIZES}")
+  if encoder not in ENCODERS:
+    raise ValueError(f"experiments/transfusion.py: unknown encoder {encoder!r}; choose one of {ENCODERS}")
+  patch = args.get("patch", "2")
+  if not patch.isdigit() or int(patch) not in PATCHES:
+    raise ValueError(f"experiments/transfusion.py: unknown patch {patch!r}; choose one of {PATCHES}")
+  patch = int(patch)
+
+  c = tfx_config.default()
+  c.total_steps = 250_000
+  c.seq_len = SEQ_LEN
+  c.global_batch_size = TOKENS_PER_BATCH // SEQ_LEN
+  c.checkpoint_every_steps = 2000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+
+  m = c.model
+  m.preset = size                     # Table 2 sizes, Llama 2 vocabulary (tfx/model/presets.py)
+  m.encoder = encoder
+  m.unet_channels = UNET_CHANNELS[patch]
+  m.unet_blocks_per_level = UNET_BLOCKS_PER_LEVEL
+  m.dtype = "bfloat16"
+  m.remat = "full"
+  m.scan_layers = True
+
+  c.image.resolution = 256
+  c.image.patch_size = patch
+  n_patches = patching.num_patches(LATENT_SIDE, patch)
+  c.image.max_images_per_seq = SEQ_LEN // (n_patches + 2)
+
+  ae = c.autoencoder
+  ae.kind = "vae"
+  ae.path = args.get("vae", "")
+  ae.latent_channels = 8
+  ae.downsample = 8
+
+  d = c.diffusion
+  d.num_timesteps, d.schedule, d.prediction = 1000, "cosine", "eps"
+  d.loss_weight = 5.0
+  d.noise_limit = 500
+  d.sampler, d.sample_steps = "ddpm", 250
+
+  dt = c.data
+  dt.image_text = args.get("image_text", "")
+  dt.text = args.get("text", "")
+  dt.tokenizer = args.get("tokenizer", "")
+  dt.data_dir = args.get("data_dir", "")
+  # 1:1 text:image tokens. Weights pick examples, so balance them by tokens per
+  # example: an image-caption pair is n+2 image-side tokens plus its caption, and
+  # a text document fills whole sequences when it is long (the paper's corpus).
+  image_tokens = n_patches + 2
+  dt.image_text_weight = round(SEQ_LEN / (SEQ_LEN + image_tokens + CAPTION_TOKENS), 4)
+  dt.text_weight = round(1.0 - dt.image_text_weight, 4)
+  dt.caption_first_fraction = 0.8
+
+  o = c.optim
+  o.lr, o.warmup_steps, o.end_lr = 3e-4, 4000, 1.5e-5
+  o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.95, 1e-8, 0.1, 1.0
+
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  return c

@@ -1,0 +1,121 @@
+"""experiments/transfusion.py (the paper's setups) and the --dry_run report (tfx/dryrun.py)."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from tfx import dryrun
+from tfx.model import build_model, presets
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _experiment():
+  spec = importlib.util.spec_from_file_location("transfusion_experiment", REPO / "experiments" / "transfusion.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+EXPERIMENT = _experiment()
+
+
+def _abstract_params(config) -> int:
+  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("size", EXPERIMENT.SIZES)
+def test_paper_sizes_match_table_2(size):
+  config = EXPERIMENT.get_config(f"size={size}")
+  n = _abstract_params(config)
+  assert abs(n - presets.PAPER_SIZES[size]) / presets.PAPER_SIZES[size] < 0.05, (size, n)
+
+
+def test_paper_recipe():
+  c = EXPERIMENT.get_config("size=0.76B,encoder=linear,patch=2,image_text=/d/coco_latents,tokenizer=/t.model")
+  assert c.seq_len * c.global_batch_size == 2 * 1024 * 1024 and c.seq_len == 4096
+  assert (c.optim.lr, c.optim.warmup_steps, c.optim.end_lr, c.optim.b2, c.optim.weight_decay) == (
+      3e-4, 4000, 1.5e-5, 0.95, 0.1)
+  assert c.total_steps == 250_000 and c.diffusion.loss_weight == 5.0 and c.diffusion.noise_limit == 500
+  assert c.data.caption_first_fraction == 0.8
+  assert (c.image.resolution // c.autoencoder.downsample, c.autoencoder.latent_channels, c.image.patch_size) == (
+      32, 8, 2)
+  assert c.data.image_text == "/d/coco_latents" and c.data.tokenizer == "/t.model"
+  # 1:1 tokens: image-caption pairs (256 patches + BOI/EOI + caption) against text filling whole sequences
+  pair_tokens = 256 + 2 + EXPERIMENT.CAPTION_TOKENS
+  image_side = c.data.image_text_weight * pair_tokens
+  text_side = c.data.text_weight * c.seq_len
+  assert abs(image_side - text_side) / text_side < 0.01
+
+
+def test_unet_is_about_a_quarter_billion_params_at_every_patch_size():
+  for patch in (2, 4, 8):
+    with_unet = _abstract_params(EXPERIMENT.get_config(f"size=0.16B,encoder=unet,patch={patch}"))
+    linear = _abstract_params(EXPERIMENT.get_config(f"size=0.16B,encoder=linear,patch={patch}"))
+    assert 0.24e9 < with_unet - linear < 0.30e9, (patch, with_unet - linear)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("size=3B", "unknown size '3B'"),
+    ("", "unknown size ''"),
+    ("size=7B,encoder=vit", "unknown encoder 'vit'"),
+    ("size=7B,patch=3", "unknown patch '3'"),
+    ("size=7B,lr=1", "bad argument 'lr=1'"),
+])
+def test_bad_experiment_arguments(arg, message):
+  with pytest.raises(ValueError, match=message):
+    EXPERIMENT.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def small_report():
+  """The smallest paper size at full sequence length, on 4 of the 8 simulated devices."""
+  config = EXPERIMENT.get_config("size=0.16B")
+  config.global_batch_size = 4
+  before = len(jax.live_arrays())
+  report = dryrun.report(config, num_devices=4)
+  return config, report, len(jax.live_arrays()) - before
+
+
+def test_dry_run_reports_the_paper_model_without_allocating(small_report):
+  config, report, new_arrays = small_report
+  assert new_arrays == 0  # abstract all the way: no parameter was materialized
+  assert report["params"] == _abstract_params(config)
+  assert report["mesh"]["shape"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["mesh"]["devices"] == 4
+  assert report["tokens_per_step"] == 4 * 4096 and report["sequences_per_device"] == 1
+  # training FLOPs: at least the dense 6N, plus attention over 4096 tokens
+  assert report["flops_per_token"] > 6 * report["params"] * 0.9
+  assert report["flops_per_step"] == pytest.approx(report["flops_per_token"] * 4 * 4096)
+  json.dumps(report)
+
+
+def test_dry_run_memory_comes_from_the_compiled_step(small_report):
+  config, report, _ = small_report
+  mem = report["memory_per_device"]
+  assert mem["total_gib"] == pytest.approx(mem["arguments_gib"] + mem["outputs_gib"] - mem["aliased_gib"]
+                                           + mem["temp_gib"], abs=0.01)
+  # fp32 params + two Adam moments, FSDP over 4 devices, are the step's arguments
+  assert mem["arguments_gib"] >= 3 * 4 * report["params"] / 4 / 1024 ** 3
+  assert mem["aliased_gib"] > 0  # the donated state is updated in place
+  assert mem["temp_gib"] > 0 and mem["fits"] == {"H100 (80 GB)": True, "v5p (95 GB)": True}
+
+
+def test_too_few_devices_is_a_clear_error():
+  with pytest.raises(dryrun.DryRunError, match="xla_force_host_platform_device_count=4096"):
+    dryrun.report(EXPERIMENT.get_config("size=0.16B"), num_devices=4096)
+
+
+def test_cli_misuse_exits_2():
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "tfx.dryrun", "--config=experiments/transfusion.py:size=0.16B"]
+  for extra, message in [(["--config.mesh.fsdp=3", "--num_devices=16"], "tfx.dryrun: mesh:"),
+                         (["--bogus=1"], "tfx.dryrun: Unknown command line flag 'bogus'")]:
+    bad = subprocess.run(base + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr

@@ -1,0 +1,154 @@
+"""The --dry_run report: params, FLOPs and per-device memory of the AOT-compiled train step.
+
+Nothing is allocated: the model and train state are built with jax.eval_shape,
+the step is lowered on abstract, sharded arguments and compiled for the mesh of
+config.mesh. On a CPU machine the target mesh is simulated with
+--xla_force_host_platform_device_count (see `simulate_cpu_devices`).
+
+  python -m tfx.dryrun --config=experiments/transfusion.py:size=7B --num_devices=64
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from tfx import mesh as mesh_lib
+from tfx import optim, patching, record
+from tfx import state as state_lib
+from tfx import step as step_lib
+
+GIB = 1024 ** 3
+# Memory per device of the chips one would rent for the paper's runs.
+DEVICE_MEMORY_GIB = {"H100 (80 GB)": 80e9 / GIB, "v5p (95 GB)": 95e9 / GIB}
+
+
+class DryRunError(ValueError):
+  """The dry run cannot be set up as asked (e.g. too few simulated devices)."""
+
+
+def simulate_cpu_devices(n: int) -> None:
+  """Makes this process see `n` CPU devices; must run before JAX starts its backends."""
+  flag = f"--xla_force_host_platform_device_count={n}"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  jax.config.update("jax_platforms", "cpu")
+
+
+def _devices(num_devices: int | None) -> list:
+  devices = jax.devices()
+  if num_devices is None:
+    return devices
+  if num_devices > len(devices):
+    raise DryRunError(f"dry run for {num_devices} devices, but JAX sees {len(devices)}; start it with "
+                      f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} JAX_PLATFORMS=cpu")
+  return devices[:num_devices]
+
+
+def abstract_batch(config, mesh) -> dict:
+  """ShapeDtypeStructs of one global batch (tfx/record.py fields), sharded like the trainer's."""
+  p_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
+  return {k: jax.ShapeDtypeStruct((config.global_batch_size,) + shape, record.FIELDS[k],
+                                  sharding=mesh_lib.batch_sharding(mesh, 1 + len(shape)))
+          for k, shape in record.field_shapes(config.seq_len, p_dim).items()}
+
+
+def _memory(compiled) -> dict:
+  """Per-device bytes of the compiled step, and whether it fits each chip."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  args, out = stats.argument_size_in_bytes, stats.output_size_in_bytes
+  alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+  total = args + out - alias + temp  # donated state: outputs reuse argument buffers
+  gib = lambda b: round(b / GIB, 3)
+  return {"arguments_gib": gib(args), "outputs_gib": gib(out), "aliased_gib": gib(alias),
+          "temp_gib": gib(temp), "total_gib": gib(total),
+          "fits": {chip: total / GIB <= cap for chip, cap in DEVICE_MEMORY_GIB.items()}}
+
+
+def _flops(config, n_params: int) -> dict:
+  """Training FLOPs from the model's own count (attention included) and the paper's 6*N*D."""
+  from tfx.model import flops
+  tokens = config.global_batch_size * config.seq_len
+  per_token = float(flops.report(config)["flops_per_token"])
+  return {"flops_per_token": per_token, "flops_per_step": per_token * tokens,
+          "six_n_flops_per_step": 6.0 * n_params * tokens}
+
+
+def report(config, num_devices: int | None = None) -> dict:
+  """JSON-able dry-run report for `config` on `num_devices` (default: all) devices."""
+  from tfx.model import build_model, presets
+  config = presets.resolve(config)
+  devices = _devices(num_devices)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  tx = optim.make_optimizer(config)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    factory = state_lib.StateFactory(config, tx, mesh, build_model)
+    state = factory.abstract_with_shardings()
+    batch = abstract_batch(config, mesh)
+    step = step_lib.jit_train_step(step_lib.train_step_fn(config, factory.graphdef, tx),
+                                   factory.shardings, {k: v.sharding for k, v in batch.items()})
+    lowered = step.lower(state, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+  n_params = state_lib.num_params(state)
+  dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  return {
+      "preset": config.model.preset,
+      "params": n_params,
+      **_flops(config, n_params),
+      "tokens_per_step": config.global_batch_size * config.seq_len,
+      "memory_per_device": _memory(compiled),
+      "mesh": {"shape": {k: int(v) for k, v in mesh.shape.items()}, "devices": len(devices),
+               "device_kind": devices[0].device_kind,
+               "dcn": dict(zip(mesh_lib.MESH_AXES, mesh_lib.dcn_shape(config.mesh)))},
+      "sequences_per_device": config.global_batch_size / dp,
+      "model": {"dtype": config.model.dtype, "remat": config.model.remat,
+                "scan_layers": bool(config.model.scan_layers)},
+      "seconds": {"lower": round(lowered_at - start, 2), "compile": round(compiled_at - lowered_at, 2)},
+  }
+
+
+def main(argv=None) -> int:
+  """`python -m tfx.dryrun --config=FILE[:ARG] [--num_devices=N]`: prints the report as JSON."""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))")
+  flags.DEFINE_integer("num_devices", None, "simulate this many CPU devices (the target mesh)")
+
+  def run(_):
+    cfg = flags.FLAGS.config
+    if cfg is None:
+      print("tfx.dryrun: --config=FILE is required", file=sys.stderr)
+      return 2
+    if flags.FLAGS.num_devices:
+      simulate_cpu_devices(flags.FLAGS.num_devices)
+    try:
+      out = report(cfg, flags.FLAGS.num_devices)
+    except (DryRunError, mesh_lib.MeshError) as e:
+      print(f"tfx.dryrun: {e}", file=sys.stderr)
+      return 2
+    print(json.dumps(out, indent=1))
+    return 0
+
+  def parse(args):
+    try:
+      return flags.FLAGS(args)
+    except (flags.Error, AttributeError, KeyError) as e:
+      lines = [line for line in str(e).splitlines() if line.strip()]
+      print(f"tfx.dryrun: {lines[0] if lines else 'bad flags'}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(lambda a: sys.exit(run(a)), argv=argv, flags_parser=parse)
+  return 0
+
+
+if __name__ == "__main__":
+  main()
