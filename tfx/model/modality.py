@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tfx import patching, record
+from tfx import mesh, patching, record
 from tfx.model import layers
 
 
@@ -33,7 +33,11 @@ class TimestepEmbed(nnx.Module):
                             use_bias=True)
 
   def __call__(self, t):
-    return self.fc2(jax.nn.silu(self.fc1(timestep_features(t, self.feature_dim))))
+    # t comes from the loss unsharded; without pinning the batch dim, FSDP runs this MLP on the
+    # global batch (16 GiB per device at 7B on 64 devices, measured with tfx.dryrun).
+    batch = lambda x: mesh.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    h = batch(jax.nn.silu(self.fc1(batch(timestep_features(t, self.feature_dim)))))
+    return batch(self.fc2(h))
 
 
 class LinearPatches(nnx.Module):
