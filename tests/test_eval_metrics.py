@@ -179,3 +179,56 @@ def test_inception_average_pool_excludes_padding():
   ref = np.array([[np.mean(np.arange(16.0).reshape(4, 4)[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2])
                    for j in range(4)] for i in range(4)])
   np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+# -- the real shapes scorer: perfect and blank generators, perfect captioner -------------
+
+@pytest.fixture(scope="module")
+def scenes():
+  from tfx.data import shapes
+  rng = np.random.default_rng(7)
+  specs = [shapes.sample_spec(rng, kind=k) for k in t2i.KINDS for _ in range(4)]
+  prompts = [t2i.Prompt(shapes.caption(s), s.kind, i % 2 == 0) for i, s in enumerate(specs)]
+  images_32 = np.stack([shapes.render(s, 32) for s in specs])   # the default model's resolution
+  return prompts, images_32
+
+
+def test_t2i_perfect_generator_scores_100_and_blank_images_0(scenes):
+  from tfx.data import shapes
+  prompts, perfect = scenes
+  best = t2i.summarize(prompts, t2i.score_images(prompts, perfect, shapes.score))
+  for key in ("t2i_pass", "t2i_pass_single", "t2i_pass_count", "t2i_pass_relation", "t2i_color_acc",
+              "t2i_shape_acc", "t2i_count_acc", "t2i_position_acc", "t2i_heldout_pass"):
+    assert best[key] == 1.0, key
+  blank = np.full_like(perfect, 255)
+  worst = t2i.summarize(prompts, t2i.score_images(prompts, blank, shapes.score))
+  assert worst["t2i_pass"] == 0.0 and worst["t2i_color_acc"] == 0.0 and worst["t2i_heldout_pass"] == 0.0
+
+
+def test_captioning_perfect_captioner_and_wrong_captions(scenes):
+  from tfx.data import shapes
+  prompts, images = scenes
+  refs = [p.caption for p in prompts]
+  held = [p.held_out for p in prompts]
+  best = captioning.summarize([r.upper() + "." for r in refs], refs, images, shapes.score, held)
+  assert best["caption_exact_match"] == 1.0 and best["caption_scorer_pass"] == 1.0
+  assert best["caption_heldout_exact_match"] == 1.0
+  assert best["caption_cider_d"] == pytest.approx(cider.cider_d(refs, [[r] for r in refs])[0])
+  # the same scenes worded differently pass the read-back but are no exact match
+  flip = {"to the left of": "to the right of", "above": "below"}
+  reworded, expect = [], []
+  for p in prompts:
+    q = shapes.parse_caption(p.caption)
+    if q.kind == "relation" and q.relation in flip:
+      a, b = p.caption.split(f" {q.relation} ")
+      reworded.append(f"{b} {flip[q.relation]} {a}")
+      expect.append(True)
+    else:
+      reworded.append(p.caption)
+      expect.append(False)
+  s = captioning.summarize(reworded, refs, images, shapes.score)
+  assert s["caption_scorer_pass"] == 1.0 and s["caption_exact_match"] == pytest.approx(1 - np.mean(expect))
+  wrong = captioning.summarize(["a purple circle"] * len(refs), refs, images, shapes.score)
+  assert wrong["caption_scorer_pass"] < 0.2
+  garbage = captioning.summarize(["zzz"] * len(refs), refs, images, shapes.score)
+  assert garbage["caption_scorer_pass"] == 0.0 and garbage["caption_exact_match"] == 0.0

@@ -129,6 +129,59 @@ def write_results(workdir: str, step: int, result: suite.Result, options: suite.
   return path
 
 
+QUICK_PAIRS = 12          # 4 prompts per caption kind, captioned back too
+QUICK_TEXT_RECORDS = 8
+_quick_cache: dict = {}
+
+
+def _quick_generator(config, model):
+  """A Generator for `model`, reusing the compiled one when only the params changed."""
+  from flax import nnx
+  from tfx import generate
+  graphdef, params = nnx.split(model)
+  gen = _quick_cache.get("generator")
+  if gen is None or gen.graphdef != graphdef or gen.config.to_json() != config.to_json():
+    gen = generate.Generator(config, model)
+    _quick_cache["generator"] = gen
+  else:
+    gen.params, gen._model = params, model  # its jitted functions take params as an argument
+  return gen
+
+
+def quick_eval(config, model, step: int) -> dict[str, float]:
+  """A fast subset for evaluation during training: `eval_`-prefixed float scalars.
+
+  Text-to-image pass rates on 12 test prompts (4 per kind) at the config's sampler
+  settings, exact-match captions of their ground-truth images, held-out text
+  perplexity. Prompts and compiled functions are cached across calls.
+  """
+  del step  # the caller logs the result at its step
+  pairs = _quick_cache.get("pairs")
+  if pairs is None or _quick_cache.get("config") != config.to_json():
+    from tfx.eval import eval_set
+    pairs = eval_set.load_pairs(config, "test", QUICK_PAIRS)
+    _quick_cache.clear()
+    _quick_cache.update(pairs=pairs, config=config.to_json())
+  gen = _quick_generator(config, model)
+  metrics = {}
+  if pairs.has_kinds:
+    images = suite.generate_images(gen, pairs.captions, batch_size=QUICK_PAIRS, seed=0, cfg_scale=None,
+                                   steps=None, sampler=None)
+    t2i = suite.text_to_image_scores(pairs, images)
+    metrics.update({k: t2i[k] for k in ("t2i_pass", "t2i_pass_single", "t2i_pass_count", "t2i_pass_relation")})
+  captions = suite.generate_captions(gen, pairs.images, batch_size=QUICK_PAIRS, max_tokens=24, seed=0)
+  metrics.update({k: v for k, v in suite.caption_scores(pairs, captions).items() if k != "caption_num"})
+  from tfx.eval import eval_set, perplexity
+  if "text_records" not in _quick_cache:
+    _quick_cache["text_records"] = eval_set.text_records(config, QUICK_TEXT_RECORDS)
+    _quick_cache["nll_fn"] = perplexity.make_nll_fn(gen.graphdef)
+  records = _quick_cache["text_records"]
+  if records:
+    metrics["ppl_text"], _ = perplexity.perplexity(model, eval_set.batches(records, QUICK_TEXT_RECORDS),
+                                                   _quick_cache["nll_fn"])
+  return {f"eval_{k}": float(v) for k, v in metrics.items()}
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   from tfx import checkpoint

@@ -1,0 +1,92 @@
+"""`python -m tfx.evaluate` and `quick_eval` end to end against a tiny checkpoint trained here."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from tests import data_testing
+from tfx import evaluate, trainer
+from tfx.data import shapes
+from tfx.eval import shapesnet
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  c = data_testing.small_config()
+  c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 2, 2, 1
+  c.global_batch_size, c.seq_len = 8, 96
+  m = c.model
+  m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.t_embed_dim = 32, 1, 2, 2, 32
+  c.optim.warmup_steps, c.optim.ema_decay = 1, 0.9
+  c.diffusion.sample_steps = 2
+  wd = str(tmp_path_factory.mktemp("eval_cli") / "run")
+  trainer.run(c, wd)
+  return wd
+
+
+@pytest.fixture(scope="module")
+def shapesnet_path(tmp_path_factory):
+  """A briefly trained ShapesNet, so the CLI loads it instead of training one (slow)."""
+  rng = np.random.default_rng(0)
+  specs = [shapes.sample_spec(rng, shapes.COMBOS) for _ in range(64)]
+  labels = np.array([[sum((o.color, o.shape) == cs for o in s.objects) for cs in shapes.COMBOS] for s in specs])
+  net, _ = shapesnet.train(np.stack([shapes.render(s, 16) for s in specs]), labels, resolution=16,
+                           num_classes=4, steps=3)
+  path = str(tmp_path_factory.mktemp("shapesnet") / "net.npz")
+  shapesnet.save(net, path)
+  return path
+
+
+def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, capsys):
+  args = ["--workdir", workdir, "--num", "6", "--num_heldout", "3", "--cfg_scales", "2", "1",
+          "--steps", "2", "--caption_tokens", "4", "--text_records", "2", "--shapesnet", shapesnet_path]
+  assert evaluate.main(args) == 0
+  out, err = capsys.readouterr()
+  record = json.loads(open(os.path.join(workdir, "eval", "2.json")).read())
+  m = record["metrics"]
+  assert record["step"] == 2 and m["t2i_num"] == 9 and m["caption_num"] == 9
+  for key in ("t2i_pass", "t2i_pass_single", "t2i_pass_count", "t2i_pass_relation", "t2i_color_acc",
+              "t2i_position_acc", "t2i_heldout_pass", "t2i_pass@cfg1_steps2", "caption_exact_match",
+              "caption_scorer_pass", "caption_heldout_exact_match"):
+    assert 0.0 <= m[key] <= 1.0, key
+  for key in ("ppl_text", "ppl_caption", "ppl_caption_given_image", "fd_shapesnet", "caption_cider_d"):
+    assert math.isfinite(m[key]) and m[key] >= 0, key
+  assert m["ppl_text"] > 1 and len(record["caption_samples"]) == 9
+  assert os.path.isfile(os.path.join(workdir, "eval", "2.png"))
+  assert "text-to-image pass" in out and "perplexity held-out text" in out and "cfg1_steps2" in out
+  assert any("tfevents" in f for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  # a second evaluation never overwrites the first
+  before = open(os.path.join(workdir, "eval", "2.json")).read()
+  assert evaluate.main(args[:2] + ["--num", "3", "--num_heldout", "0", "--steps", "1", "--text_records", "1",
+                                   "--shapesnet", shapesnet_path]) == 0
+  capsys.readouterr()
+  assert open(os.path.join(workdir, "eval", "2.json")).read() == before
+  again = json.loads(open(os.path.join(workdir, "eval", "2-1.json")).read())["metrics"]
+  assert again["t2i_num"] == 3 and "t2i_heldout_pass" not in again
+
+
+def test_quick_eval_returns_eval_scalars_and_reuses_compiled_generator(workdir):
+  from tfx import checkpoint
+  config, model = checkpoint.restore_model(workdir)
+  first = evaluate.quick_eval(config, model, 2)
+  gen = evaluate._quick_cache["generator"]
+  second = evaluate.quick_eval(config, model, 2)
+  assert evaluate._quick_cache["generator"] is gen
+  assert first == second
+  assert {"eval_t2i_pass", "eval_t2i_pass_single", "eval_caption_exact_match", "eval_ppl_text"} <= set(first)
+  assert all(isinstance(v, float) and math.isfinite(v) for v in first.values())
+
+
+def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert evaluate.main(["--workdir", str(empty)]) == 2
+  assert len(capsys.readouterr().err.strip().splitlines()) == 1
+  for bad in (["--workdir", str(tmp_path / "missing")], ["--workdir", workdir, "--num", "0"],
+              ["--workdir", workdir, "--inception_weights", str(tmp_path / "nope.safetensors")]):
+    with pytest.raises(SystemExit) as e:
+      evaluate.main(bad)
+    assert e.value.code == 2
+  capsys.readouterr()
