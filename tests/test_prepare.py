@@ -42,7 +42,7 @@ def _wide_red_with_green_edges() -> bytes:
 
 @pytest.fixture(scope="module")
 def raw_dir(tmp_path_factory):
-  """4 good + 1 corrupt + 1 empty caption + 1 missing + 1 bad line (JSONL); 2 good + 1 corrupt + 1 empty (tar)."""
+  """JSONL: 4 good, 1 corrupt, 1 empty caption, 1 missing, 1 bad line; tar: 2 good, 1 corrupt, 1 empty, 1 uncaptioned."""
   d = tmp_path_factory.mktemp("raw")
   (d / "img").mkdir()
   files = {"a.png": _wide_red_with_green_edges(), "b.jpg": _jpg((100, 80), (40, 80, 220)),
@@ -59,7 +59,8 @@ def raw_dir(tmp_path_factory):
     members = {"00000.jpg": _jpg((64, 48), RED), "00000.txt": b"red shard image",
                "00001.png": _png((33, 33), GREEN), "00001.txt": b"green shard image",
                "00002.jpg": b"\xff\xd8 truncated", "00002.txt": b"broken",
-               "00003.jpg": _jpg((16, 16), RED), "00003.txt": b""}
+               "00003.jpg": _jpg((16, 16), RED), "00003.txt": b"",
+               "00004.jpg": _jpg((16, 16), GREEN)}
     for name, data in members.items():
       info = tarfile.TarInfo(name)
       info.size = len(data)
@@ -79,7 +80,7 @@ def prepared(raw_dir, tmp_path_factory):
 def test_counts_in_summary(prepared):
   _, stdout = prepared
   assert ("prepared 6 pairs (6 train, 0 validation); skipped: 2 corrupt images, 1 missing images, "
-          "2 empty captions, 1 bad lines") in stdout
+          "2 empty captions, 2 bad lines") in stdout
 
 
 def test_images_are_rgb_center_cropped_and_resized(prepared):

@@ -77,27 +77,33 @@ def _jsonl_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None,
 
 
 def _tar_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, str]]:
-  """(key, image bytes, caption) per KEY with an image and a .txt in the shard."""
-  images, captions = {}, {}
+  """(key, image bytes, caption) per KEY of a webdataset shard, streamed (a sample's files are adjacent)."""
+  def emit(key, files):
+    image = next((files[e] for e in _IMAGE_EXTS if e in files), None)
+    if ".txt" not in files:
+      if image is not None:
+        counts.bad_lines += 1    # an image without a caption file
+      return None
+    return f"{os.path.basename(path)}:{key}", image, files[".txt"].decode("utf-8", errors="replace")
+
+  key, files = None, {}
   try:
-    with tarfile.open(path) as tar:
+    with tarfile.open(path, mode="r|*") as tar:
       for member in tar:
         if not member.isfile():
           continue
-        key, ext = os.path.splitext(member.name)
-        ext = ext.lower()
-        if ext in _IMAGE_EXTS:
-          images[key] = tar.extractfile(member).read()
-        elif ext == ".txt":
-          captions[key] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+        k, ext = os.path.splitext(member.name)
+        if k != key and key is not None:
+          if (pair := emit(key, files)) is not None:
+            yield pair
+          files = {}
+        key = k
+        if ext.lower() in _IMAGE_EXTS + (".txt",):
+          files[ext.lower()] = tar.extractfile(member).read()
   except (tarfile.TarError, OSError) as e:
-    print(f"tfx.data.prepare: skipping unreadable tar {path}: {e}", file=sys.stderr)
-    return
-  for key in sorted(set(images) | set(captions)):
-    if key not in captions:
-      counts.bad_lines += 1      # an image without a caption file
-      continue
-    yield f"{os.path.basename(path)}:{key}", images.get(key), captions[key]
+    print(f"tfx.data.prepare: stopped reading tar {path}: {e}", file=sys.stderr)
+  if key is not None and (pair := emit(key, files)) is not None:
+    yield pair
 
 
 def input_files(path: str) -> list[str]:
