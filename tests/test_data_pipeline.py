@@ -250,7 +250,7 @@ def test_latent_datasets_are_read_directly(tmp_path, config):
   want = {patching.patchify((lat - 0.5) * 2.0, 2).tobytes() for lat in latents}
   got = _image_keys([b], 2)
   assert got and set(got) <= want
-  with pytest.raises(ValueError, match="latent caching"):
+  with pytest.raises(ValueError, match="run the latent caching command"):
     vae_on_pixels = c.copy_and_resolve_references()
     vae_on_pixels.data.image_text = "shapes"
     pipeline.make_iterator(vae_on_pixels, process_index=0, process_count=1)

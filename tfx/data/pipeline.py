@@ -90,8 +90,8 @@ def _check_image_source(config, path: str) -> bool:
                      f"(features: {sorted(names)})")
   if not pixels and "latent" not in names:
     raise ValueError(f"autoencoder.kind is {config.autoencoder.kind!r} but {path} holds pixels, not "
-                     "`latent`: cache its latents first with the autoencoder's latent caching command "
-                     "(tfx.autoencoder) and point data.image_text at the cache")
+                     "`latent`: run the latent caching command first (python -m tfx.autoencoder.cache_latents "
+                     "--config=... --output=DIR) and set data.image_text=DIR")
   return not pixels
 
 
@@ -119,10 +119,16 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
   if config.global_batch_size % process_count:
     raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by "
                      f"{process_count} hosts")
+  d = config.data
+  for key in ("caption_first_fraction", "caption_dropout"):
+    if not 0.0 <= d[key] <= 1.0:
+      raise ValueError(f"data.{key} must be in [0, 1], got {d[key]}")
+  if d.image_text_weight < 0 or d.text_weight < 0:
+    raise ValueError(f"data weights must be >= 0, got image_text_weight={d.image_text_weight} "
+                     f"text_weight={d.text_weight}")
   tok = tokenizer_lib.load(config)
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
-  d = config.data
   patch_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
   seed = config.seed + d.shuffle_buffer_seed
   parts, weights = [], []
