@@ -260,12 +260,19 @@ def test_latent_datasets_are_read_directly(tmp_path, config):
   assert path.startswith(str(tmp_path))
 
 
-def test_multiprocess_prefetch_matches_in_process(config):
+def test_multiprocess_prefetch_matches_in_process_and_resumes(config):
   c = config.copy_and_resolve_references()
   c.data.worker_count = 1
   it = pipeline.make_iterator(c, process_index=0, process_count=1)
+  again = pipeline.make_iterator(c, process_index=0, process_count=1)
   try:
-    got = _take(it, 3)
+    got = _take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    got += _take(it, 2)
+    again.set_state(state)
+    resumed = _take(again, 2)
   finally:
     it.close()
-  _assert_batches_equal(_take(pipeline.make_iterator(config, process_index=0, process_count=1), 3), got)
+    again.close()
+  _assert_batches_equal(_take(pipeline.make_iterator(config, process_index=0, process_count=1), 4), got)
+  _assert_batches_equal(got[2:], resumed)
