@@ -40,10 +40,11 @@ class RecordBuilder:
   def add(self, example, start: int = 0) -> int:
     """Adds example[start:] (as much as fits); returns how many positions were taken."""
     stop = min(examples_lib.length(example), start + self.room)
-    piece = {k: example[k][start:stop] for k in _EXAMPLE_FIELDS}
-    self.pieces.append(piece)
-    self.used += stop - start
-    self.images += int(piece["image_ids"].max()) if stop > start else 0
+    if stop > start:   # an empty example adds no (empty) segment
+      piece = {k: example[k][start:stop] for k in _EXAMPLE_FIELDS}
+      self.pieces.append(piece)
+      self.used += stop - start
+      self.images += int(piece["image_ids"].max())
     return stop - start
 
   def finish(self) -> dict[str, np.ndarray]:
@@ -62,7 +63,7 @@ class RecordBuilder:
         out[k][s] = piece[k]
       ids = piece["image_ids"]
       out["image_ids"][s] = np.where(ids > 0, ids + image_offset, 0)
-      image_offset += int(ids.max()) if n else 0
+      image_offset += int(ids.max())
       out["segment_ids"][s] = seg
       out["positions"][s] = np.arange(n)
       pos += n
