@@ -112,7 +112,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -140,6 +141,11 @@ class Checkpointer:
     args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+  def read(self, step: int) -> dict:
+    """The state items at `step` as saved, without a target (for inspection and tests)."""
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore())
+    return self._manager.restore(step, args=args)["state"]
 
   def saved_keys(self, step: int) -> set[str]:
     """Top-level keys of the saved state at `step`."""

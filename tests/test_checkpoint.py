@@ -1,0 +1,105 @@
+"""Checkpoints: config.json, keep-N, the iterator saved with the state, restore_model for sampling."""
+import json
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfx import checkpoint, trainer
+from train_helpers import persistent_compile_cache, tiny_config
+
+
+def test_config_json_round_trips_tuples(tmp_path):
+  config = tiny_config(**{"model.unet_channels": (8, 16, 32)})
+  checkpoint.save_config(tmp_path, config)
+  loaded = checkpoint.load_config(tmp_path)
+  assert loaded.model.unet_channels == (8, 16, 32)
+  assert loaded.to_dict() == config.to_dict()
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path):
+  checkpoint.save_config(tmp_path, tiny_config())
+  checkpoint.check_resumable(tmp_path, tiny_config(**{"total_steps": 99, "model.dtype": "bfloat16"}))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"model\.n_layers: 1 -> 2"):
+    checkpoint.check_resumable(tmp_path, tiny_config(**{"model.n_layers": 2}))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"image\.patch_size"):
+    checkpoint.check_resumable(tmp_path, tiny_config(**{"image.patch_size": 2}))
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).shuffle(seed=3).batch(4).to_iter_dataset())
+
+
+def test_iterator_state_is_taken_at_save_time_and_keep_n(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  it = _iterator()
+  for step in (1, 2, 3):
+    next(it)
+    ckpt.save(step, {"w": jnp.full((3,), float(step))}, it)
+  expected = next(it)  # advances past the step-3 save while it may still be writing
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]
+  fresh = _iterator()
+  restored = ckpt.restore(3, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, fresh)
+  np.testing.assert_array_equal(restored["w"], [3.0, 3.0, 3.0])
+  np.testing.assert_array_equal(next(fresh), expected)
+  ckpt.close()
+
+
+def test_restore_model_errors_are_clear(tmp_path):
+  with pytest.raises(checkpoint.NoCheckpointError, match="config.json"):
+    checkpoint.restore_model(tmp_path)
+  checkpoint.save_config(tmp_path, tiny_config())
+  with pytest.raises(checkpoint.NoCheckpointError, match="no checkpoints"):
+    checkpoint.restore_model(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The tiny config trained for 4 steps with EMA, checkpoints at 2 and 4."""
+  workdir = tmp_path_factory.mktemp("trained")
+  with persistent_compile_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+    trainer.run(tiny_config(**{"mesh.data": 8}), workdir)
+  return workdir
+
+
+def _saved(workdir, step, key):
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  tree = ckpt.read(step)[key]
+  ckpt.close()
+  return tree
+
+
+def assert_same_leaves(a, b):
+  """Untargeted reads key layers by str, the model by int: compare leaves in order."""
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_restore_model_loads_ema_or_raw_params(trained):
+  config, model = checkpoint.restore_model(trained)
+  assert config.model.d_model == 32 and json.loads((trained / "config.json").read_text())["seed"] == 0
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  ema, raw = _saved(trained, 4, "ema"), _saved(trained, 4, "params")
+  assert_same_leaves(params, ema)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
+
+  _, model_raw = checkpoint.restore_model(trained, step=2, ema=False)
+  params_2 = nnx.to_pure_dict(nnx.state(model_raw, nnx.Param))
+  assert_same_leaves(params_2, _saved(trained, 2, "params"))
+  with pytest.raises(checkpoint.NoCheckpointError, match="step 3"):
+    checkpoint.restore_model(trained, step=3)
+
+
+def test_restored_model_runs_a_forward_pass(trained):
+  from tfx.data import pipeline
+  config, model = checkpoint.restore_model(trained)
+  batch = {k: jnp.asarray(v) for k, v in next(pipeline.make_iterator(config)).items()}
+  logits_BLV, patch_out_BLP, _ = model(batch, jnp.full(batch["tokens"].shape, 0.5))
+  assert logits_BLV.shape[:2] == batch["tokens"].shape
+  assert np.isfinite(np.asarray(logits_BLV)).all() and np.isfinite(np.asarray(patch_out_BLP)).all()
