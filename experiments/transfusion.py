@@ -36,8 +36,8 @@ LATENT_SIDE = 32                      # 256 px / VAE downsample 8
 # paper's ~0.27B-parameter U-Net (down + up blocks): 275M, 262M, 275M.
 UNET_CHANNELS = {2: (832, 1664), 4: (384, 768, 1536), 8: (352, 704, 1024, 1024)}
 UNET_BLOCKS_PER_LEVEL = 2
-# Mean caption length in tokens (image-caption data like the paper's licensed
-# set: short alt-text style captions); used only to balance text vs image tokens.
+# Mean caption length in tokens (short alt-text style captions, as in the
+# paper's licensed image-caption data); used only to balance text vs image tokens.
 CAPTION_TOKENS = 32
 
 
@@ -105,11 +105,12 @@ def get_config(arg: str = ""):
   dt.text = args.get("text", "")
   dt.tokenizer = args.get("tokenizer", "")
   dt.data_dir = args.get("data_dir", "")
-  # 1:1 text:image tokens. Weights pick examples, so balance them by tokens per
-  # example: an image-caption pair is n+2 image-side tokens plus its caption, and
-  # a text document fills whole sequences when it is long (the paper's corpus).
-  image_tokens = n_patches + 2
-  dt.image_text_weight = round(SEQ_LEN / (SEQ_LEN + image_tokens + CAPTION_TOKENS), 4)
+  # 1:1 text:image tokens. The weights are shares of positions, and an image-caption
+  # example is n patches plus BOI/EOI and its caption (text), so its share must be
+  # (n + 2 + caption) / 2n for the patches to be half of all positions. With 8x8
+  # patches (n = 16) captions outweigh patches and no text documents are mixed in.
+  pair_positions = n_patches + 2 + CAPTION_TOKENS
+  dt.image_text_weight = round(min(pair_positions / (2 * n_patches), 1.0), 4)
   dt.text_weight = round(1.0 - dt.image_text_weight, 4)
   dt.caption_first_fraction = 0.8
 

@@ -48,11 +48,11 @@ def test_paper_recipe():
   assert (c.image.resolution // c.autoencoder.downsample, c.autoencoder.latent_channels, c.image.patch_size) == (
       32, 8, 2)
   assert c.data.image_text == "/d/coco_latents" and c.data.tokenizer == "/t.model"
-  # 1:1 tokens: image-caption pairs (256 patches + BOI/EOI + caption) against text filling whole sequences
-  pair_tokens = 256 + 2 + EXPERIMENT.CAPTION_TOKENS
-  image_side = c.data.image_text_weight * pair_tokens
-  text_side = c.data.text_weight * c.seq_len
-  assert abs(image_side - text_side) / text_side < 0.01
+  # 1:1 tokens: weights are shares of positions; patches must be half of them
+  pair_positions = 256 + 2 + EXPERIMENT.CAPTION_TOKENS
+  image_tokens = c.data.image_text_weight * 256 / pair_positions
+  assert c.data.image_text_weight + c.data.text_weight == pytest.approx(1.0)
+  assert image_tokens == pytest.approx(0.5, abs=1e-3)
 
 
 def test_unet_is_about_a_quarter_billion_params_at_every_patch_size():
