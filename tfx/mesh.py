@@ -72,8 +72,9 @@ def dcn_shape(mesh_config) -> tuple[int, int, int]:
 def hybrid_device_grid(mesh_config, devices: Sequence) -> np.ndarray:
   """Devices as a [data, fsdp, tensor] array whose axes are dcn x ici: slices outermost.
 
-  Slices are the devices' `slice_index` (multi-slice TPU), else their process
-  (GPU nodes, CPU tests). data/fsdp/tensor in the config are the per-slice sizes.
+  Slices are the devices' `slice_index` when they span several (multi-slice TPU),
+  else their processes (GPU nodes, CPU processes). data/fsdp/tensor in the config
+  are the per-slice sizes.
   """
   dcn = dcn_shape(mesh_config)
   slices = math.prod(dcn)
@@ -82,7 +83,7 @@ def hybrid_device_grid(mesh_config, devices: Sequence) -> np.ndarray:
   ici = mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(devices) // slices)
   try:
     return mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+        ici, dcn, devices, process_is_granule=len({getattr(d, "slice_index", 0) for d in devices}) == 1)
   except ValueError as e:
     raise MeshError(f"mesh: cannot lay out ici {ici} x dcn {dcn}: {e}") from None
 
