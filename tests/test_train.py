@@ -198,3 +198,46 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
   assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2]
   _, model = checkpoint.restore_model(tmp_path, ema=False)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+# -- metrics -------------------------------------------------------------------------
+
+def test_delayed_fetch_hands_back_the_previous_step():
+  fetch = metrics.DelayedFetch()
+  assert fetch.push(1, {"loss": jnp.float32(2.0)}) is None
+  assert fetch.push(2, {"loss": jnp.float32(1.5)}) == (1, {"loss": 2.0})
+  assert fetch.flush() == (2, {"loss": 1.5})
+  assert fetch.flush() is None
+
+
+def test_nonfinite_loss_names_the_step():
+  metrics.check_finite(3, {"loss": 1.0})
+  with pytest.raises(metrics.NonFiniteLossError, match="loss is nan at step 7"):
+    metrics.check_finite(7, {"loss": float("nan")})
+  with pytest.raises(metrics.NonFiniteLossError, match="inf at step 2"):
+    metrics.check_finite(2, {"loss": float("inf")})
+
+
+def test_mfu_only_with_a_known_peak():
+  class Device:
+    device_kind = "NVIDIA H100 80GB HBM3"
+  assert metrics.peak_flops(Device()) == 989e12
+  assert metrics.peak_flops(jax.devices()[0]) is None  # CPU: no MFU
+  meter = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e9, num_devices=2, device=Device())
+  assert meter.update(0) == {}
+  out = meter.update(10)
+  np.testing.assert_allclose(out["mfu"], out["tokens_per_sec"] * 1e9 / (2 * 989e12))
+  np.testing.assert_allclose(out["tokens_per_sec"], out["steps_per_sec"] * 1000)
+
+
+def test_writer_appends_jsonl_and_drops_records_past_a_resume(tmp_path, capsys):
+  writer = metrics.MetricsWriter(tmp_path)
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": 1.0 / step})
+  writer.drop_after(2)
+  writer.write(3, {"loss": 0.25})
+  writer.close()
+  assert metrics.read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5},
+                                            {"step": 3, "loss": 0.25}]
+  metrics.Progress(100).report(40, {"loss": 0.5, "steps_per_sec": 2.0})
+  assert "step 40/100  loss 0.5000  2.00 steps/s  ETA 0:00:30" in capsys.readouterr().err

@@ -132,7 +132,7 @@ def read_metrics(workdir) -> list[dict]:
 class Progress:
   """A one-line progress report: step, loss, steps/s and ETA."""
 
-  def __init__(self, total_steps: int, *, enabled: bool = True, stream=sys.stderr):
+  def __init__(self, total_steps: int, *, enabled: bool = True, stream=None):
     self.total_steps, self.enabled, self.stream = total_steps, enabled, stream
 
   def report(self, step: int, metrics: dict) -> None:
@@ -142,7 +142,7 @@ class Progress:
     eta = _format_seconds((self.total_steps - step) / rate) if rate else "?"
     rate_text = f"{rate:.2f}" if rate else "?"
     print(f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
-          f"{rate_text} steps/s  ETA {eta}", file=self.stream, flush=True)
+          f"{rate_text} steps/s  ETA {eta}", file=self.stream or sys.stderr, flush=True)
 
 
 def _format_seconds(seconds: float) -> str:
