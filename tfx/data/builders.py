@@ -13,6 +13,7 @@ Text datasets hold one feature:
 A dataset is any folder holding one tfds version directory (dataset_info.json);
 `write_dataset` makes one, `open_split` reads a split as a random-access source.
 """
+import contextlib
 import os
 from typing import Callable, Iterable
 
@@ -89,7 +90,11 @@ def write_dataset(builder_cls: type, out_dir: str, features: tfds.features.Featu
   config = tfds.core.BuilderConfig(name=config_name) if config_name else None
   builder = builder_cls(features=features, split_examples=split_examples, description=description,
                         data_dir=out_dir, config=config)
-  builder.download_and_prepare(download_dir=os.path.join(out_dir, ".downloads"))
+  downloads = os.path.join(out_dir, ".downloads")
+  builder.download_and_prepare(download_dir=downloads)
+  for root, _, _ in sorted(os.walk(downloads), reverse=True):   # tfds leaves empty dirs; nothing is downloaded
+    with contextlib.suppress(OSError):
+      os.rmdir(root)
   return os.fspath(builder.data_dir)
 
 
