@@ -59,7 +59,9 @@ class Embed(nnx.Module):
     return jnp.take(self.table[...], tokens_BL, axis=0).astype(self.dtype)
 
   def attend(self, x_BLD):
-    return x_BLD.astype(self.dtype) @ self.table[...].astype(self.dtype).T
+    # the table is N(0, 1) for the input side; d^-1/2 keeps tied logits O(1) on normalized x
+    table_VD = self.table[...].astype(self.dtype)
+    return (x_BLD.astype(self.dtype) @ table_VD.T) * (table_VD.shape[1] ** -0.5)
 
 
 class RMSNorm(nnx.Module):
