@@ -200,6 +200,23 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
+def test_periodic_eval_sees_the_ema_params_and_is_logged(tmp_path, monkeypatch):
+  from tfx import evaluate
+  seen = []
+
+  def fake_quick_eval(config, model, step):
+    seen.append((step, np.asarray(model.final_norm.scale[...]).copy()))
+    return {"eval_marker": float(step)}
+
+  monkeypatch.setattr(evaluate, "quick_eval", fake_quick_eval)
+  trainer.run(tiny_config(**{"mesh.data": 8, "eval_every_steps": 2}), tmp_path)
+  assert [s for s, _ in seen] == [2, 4]
+  records = [r for r in metrics.read_metrics(tmp_path) if "eval_marker" in r]
+  assert [(r["step"], r["eval_marker"]) for r in records] == [(2, 2.0), (4, 4.0)]
+  ema = checkpoint.Checkpointer(tmp_path, read_only=True).read(4)["ema"]
+  np.testing.assert_array_equal(seen[-1][1], ema["final_norm"]["scale"])
+
+
 # -- metrics -------------------------------------------------------------------------
 
 def test_delayed_fetch_hands_back_the_previous_step():

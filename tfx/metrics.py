@@ -114,7 +114,8 @@ class MetricsWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in metrics.items():
-      self._tb.add_scalar(f"train/{key}", float(value), int(step))
+      tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+      self._tb.add_scalar(tag, float(value), int(step))
 
   def close(self) -> None:
     if self._tb is not None:

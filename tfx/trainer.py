@@ -100,6 +100,14 @@ def _flops_per_token(config) -> float | None:
   return float(flops.report(config)["flops_per_token"])
 
 
+def evaluate(config, graphdef, state: state_lib.TrainState, step: int) -> dict:
+  """tfx.evaluate.quick_eval on the EMA params when kept (what sampling uses), else the params."""
+  from flax import nnx
+  from tfx import evaluate as evaluate_lib
+  params = state.params if state.ema is None else state.ema
+  return evaluate_lib.quick_eval(config, nnx.merge(graphdef, params, state.rest), step)
+
+
 def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callable | None = None,
         make_iterator: Callable | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
@@ -181,6 +189,8 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
           if fetched:
             handle(fetched)
           checkpointer.save(done, state.checkpoint_items(), iterator)
+        if config.eval_every_steps and (done % config.eval_every_steps == 0 or done == stop):
+          writer.write(done, evaluate(config, factory.graphdef, state, done))
         if stopping:
           if is_chief:
             print(f"preempted (SIGTERM): saved the checkpoint at step {done}; stopping", file=sys.stderr)
