@@ -112,10 +112,13 @@ def test_same_seed_same_images_bit_for_bit(gen):
     assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, gen.text_to_image(PROMPTS, seed=4, steps=3, sampler=sampler))
-  # a new seed or prompt of the same padded length reuses the compiled denoising program
+  # a new seed or prompt of the same padded length reuses the compiled denoising program, and so does
+  # a ragged last batch (padded); a sample's noise depends on its index, not on the batching
   compiled = gen._denoise._cache_size()
   gen.text_to_image(["one red square", "a circle"], seed=5, steps=3, sampler="ddpm")
+  three = gen.text_to_image(PROMPTS + ["a circle"], seed=3, steps=3, sampler="ddpm", batch_size=2)
   assert gen._denoise._cache_size() == compiled
+  np.testing.assert_array_equal(three[:2], a)
 
 
 def test_prompt_layouts_match_training_examples(gen, tok):

@@ -412,38 +412,63 @@ class Generator:
 
   # -- public API --
 
+  def _in_batches(self, items: list, batch_size: int, run, progress=None) -> list:
+    """`run(chunk, first)` on chunks of `batch_size`; with several chunks the last is padded (by
+    repeating its last item) so every chunk reuses one compiled shape. Returns the real rows' results."""
+    if not items:
+      raise ValueError("nothing to generate: the list of prompts or images is empty")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    results = []
+    for first in range(0, len(items), batch_size):
+      chunk = list(items[first:first + batch_size])
+      real = len(chunk)
+      if len(items) > batch_size:
+        chunk += chunk[-1:] * (batch_size - real)
+      results.extend(list(run(chunk, first))[:real])
+      if progress is not None:
+        progress(first + real, len(items))
+    return results
+
   def text_to_image(self, prompts: list[str], *, seed: int = 0, first_index: int = 0, steps=None,
-                    cfg_scale=None, sampler=None) -> np.ndarray:
-    """uint8 [N, H, W, 3], one image per caption; sample i's noise comes from (seed, first_index + i)."""
-    if not prompts:
-      raise ValueError("text_to_image needs at least one prompt")
-    pieces = [self.image_start_piece(self.tokenizer.encode(p), bos=True) for p in prompts]
-    _, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
-    keys_B = _index_keys(seed, first_index, len(prompts))
-    x0_BnP = self.denoise_image(cache, lengths_B, Lp, 1, keys_B, steps=steps, cfg_scale=cfg_scale,
-                                sampler=sampler)
-    return self.patches_to_images(x0_BnP)
+                    cfg_scale=None, sampler=None, batch_size: int = 16, progress=None) -> np.ndarray:
+    """uint8 [N, H, W, 3], one image per caption; sample i's noise comes from (seed, first_index + i).
+
+    `progress(done, total)` is called after each batch."""
+    steps, cfg_scale, sampler = self._sampling_args(steps, cfg_scale, sampler)
+
+    def run(chunk, first):
+      pieces = [self.image_start_piece(self.tokenizer.encode(p), bos=True) for p in chunk]
+      _, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
+      keys_B = _index_keys(seed, first_index + first, len(chunk))
+      x0_BnP = self.denoise_image(cache, lengths_B, Lp, 1, keys_B, steps=steps, cfg_scale=cfg_scale,
+                                  sampler=sampler)
+      return self.patches_to_images(x0_BnP)
+
+    return np.stack(self._in_batches(list(prompts), batch_size, run, progress))
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-              max_tokens: int = 32) -> list[str]:
+              max_tokens: int = 32, batch_size: int = 16, progress=None) -> list[str]:
     """One caption per uint8 image ([H, W, 3], any size): `BOS BOI patches EOI`, then text to EOS."""
-    if len(images) == 0:
-      raise ValueError("caption needs at least one image")
-    pieces = [self.image_piece(p, bos=True) for p in self.image_patches(images)]
-    return self._continue(pieces, seed, temperature, top_k, top_p, max_tokens)
+    def run(chunk, first):
+      pieces = [self.image_piece(p, bos=True) for p in self.image_patches(chunk)]
+      return self._continue(pieces, jax.random.fold_in(jax.random.PRNGKey(seed), first), temperature, top_k,
+                            top_p, max_tokens)
+    return self._in_batches(list(images), batch_size, run, progress)
 
   def complete(self, prompts: list[str], *, seed: int = 0, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, max_tokens: int = 64) -> list[str]:
+               top_p: float = 1.0, max_tokens: int = 64, batch_size: int = 16) -> list[str]:
     """Text continuations of text prompts (no images), to EOS or `max_tokens`."""
-    if not prompts:
-      raise ValueError("complete needs at least one prompt")
-    return self._continue([self.text_piece(p, bos=True) for p in prompts], seed, temperature, top_k, top_p,
-                          max_tokens)
+    def run(chunk, first):
+      return self._continue([self.text_piece(p, bos=True) for p in chunk],
+                            jax.random.fold_in(jax.random.PRNGKey(seed), first), temperature, top_k, top_p,
+                            max_tokens)
+    return self._in_batches(list(prompts), batch_size, run)
 
-  def _continue(self, pieces, seed, temperature, top_k, top_p, max_tokens) -> list[str]:
+  def _continue(self, pieces, rng, temperature, top_k, top_p, max_tokens) -> list[str]:
     logits_BV, cache, lengths_B, _ = self._prefill_prompts(pieces, max_tokens)
     tokens_BT, _, _, _ = self._decode_text(
-        cache, logits_BV, lengths_B, jax.random.PRNGKey(seed), limit=max_tokens, max_new=max_tokens,
+        cache, logits_BV, lengths_B, rng, limit=max_tokens, max_new=max_tokens,
         banned=self._text_only, stop=self._eos, temperature=temperature, top_k=top_k, top_p=top_p)
     return [self._text_until(row) for row in tokens_BT]
 
@@ -504,16 +529,19 @@ class Generator:
       last = int(ids[-1])
     return out
 
-  def log_likelihood(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  def log_likelihood(self, texts: list[str], *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(sum of log p over `text EOS` given BOS, number of predicted tokens) per text."""
-    if not texts:
-      raise ValueError("log_likelihood needs at least one text")
     from tfx.data import examples
-    pieces = [examples.text_example(self.tokenizer.encode(t), self.tokenizer, self.patch_dim) for t in texts]
-    batch, _ = left_pad(pieces, _bucket(max(len(p["tokens"]) for p in pieces)))
-    logp_BL, mask_BL = self._log_probs(self.params, batch)
-    logp_BL, mask_BL = np.asarray(logp_BL, np.float64), np.asarray(mask_BL)
-    return (logp_BL * mask_BL).sum(-1), mask_BL.sum(-1).astype(np.int64)
+
+    def run(chunk, first):
+      pieces = [examples.text_example(self.tokenizer.encode(t), self.tokenizer, self.patch_dim) for t in chunk]
+      batch, _ = left_pad(pieces, _bucket(max(len(p["tokens"]) for p in pieces)))
+      logp_BL, mask_BL = self._log_probs(self.params, batch)
+      logp_BL, mask_BL = np.asarray(logp_BL, np.float64), np.asarray(mask_BL)
+      return list(zip((logp_BL * mask_BL).sum(-1), mask_BL.sum(-1)))
+
+    rows = self._in_batches(list(texts), batch_size, run)
+    return np.array([r[0] for r in rows]), np.array([r[1] for r in rows], np.int64)
 
 
 def _log_probs(graphdef, params, batch):

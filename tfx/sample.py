@@ -90,23 +90,19 @@ def _text_to_image(gen, prompts: list[str], args, out: str, manifest: bool) -> N
   from tfx import generate
   names = [f"{i:05d}.png" for i in range(len(prompts))]
   _prepare_out(out, names + (["manifest.jsonl"] if manifest else ["grid.png"]))
-  images, start = [], time.time()
-  for first in range(0, len(prompts), args.batch_size):
-    batch = prompts[first:first + args.batch_size]
-    t0 = time.time()
-    imgs = gen.text_to_image(batch, seed=args.seed, first_index=first, steps=args.steps,
-                             cfg_scale=args.cfg_scale, sampler=args.sampler)
-    for i, img in enumerate(imgs):
-      _save_png(os.path.join(out, names[first + i]), img)
-    images.extend(imgs)
-    _log(f"images {first + len(batch)}/{len(prompts)}  ({time.time() - t0:.1f}s this batch)")
+  start = time.time()
+  progress = lambda done, total: _log(f"images {done}/{total}  ({time.time() - start:.1f}s)")
+  images = gen.text_to_image(prompts, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale,
+                             sampler=args.sampler, batch_size=args.batch_size, progress=progress)
+  for name, image in zip(names, images):
+    _save_png(os.path.join(out, name), image)
   if manifest:
     with open(os.path.join(out, "manifest.jsonl"), "w", encoding="utf-8") as f:
       for prompt, name in zip(prompts, names):
         f.write(json.dumps({"prompt": prompt, "file": name}) + "\n")
   else:
-    _save_png(os.path.join(out, "grid.png"), generate.image_grid(np.stack(images)))
-  _log(f"wrote {len(prompts)} images to {out} in {time.time() - start:.1f}s")
+    _save_png(os.path.join(out, "grid.png"), generate.image_grid(images))
+  _log(f"wrote {len(prompts)} images to {out}")
 
 
 def read_images(paths: list[str]) -> list[np.ndarray]:
@@ -119,11 +115,10 @@ def read_images(paths: list[str]) -> list[np.ndarray]:
 
 
 def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
-  for first in range(0, len(paths), args.batch_size):
-    captions = gen.caption(images[first:first + args.batch_size], seed=args.seed,
-                           temperature=args.temperature, max_tokens=args.max_tokens)
-    for path, caption in zip(paths[first:first + args.batch_size], captions):
-      print(json.dumps({"image": path, "caption": caption}), flush=True)
+  captions = gen.caption(images, seed=args.seed, temperature=args.temperature, max_tokens=args.max_tokens,
+                         batch_size=args.batch_size)
+  for path, caption in zip(paths, captions):
+    print(json.dumps({"image": path, "caption": caption}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
       config, model = checkpoint.restore_model(args.workdir, args.step, ema=not args.no_ema)
     except checkpoint.NoCheckpointError as e:
       raise UsageError(str(e)) from None
+    if args.steps is not None and args.steps > config.diffusion.num_timesteps:
+      raise UsageError(f"--steps {args.steps} exceeds the {config.diffusion.num_timesteps} training timesteps")
     gen = generate.Generator(config, model)
     if args.image:
       _caption(gen, args.image, images, args)
