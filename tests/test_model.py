@@ -23,14 +23,20 @@ def _config(**model):
   return c
 
 
-_FORWARD = {}
+_MODELS, _FORWARD = {}, {}
+
+
+def _model(encoder):
+  """A tiny model, built once per encoder for the module (eager init compiles per shape)."""
+  if encoder not in _MODELS:
+    _MODELS[encoder] = tfx.model.build_model(_config(encoder=encoder), nnx.Rngs(0))
+  return _MODELS[encoder]
 
 
 def _forward(encoder):
-  """(jitted forward, params) of a tiny model, built once per encoder."""
+  """(jitted forward, params) of the tiny model."""
   if encoder not in _FORWARD:
-    model = tfx.model.build_model(_config(encoder=encoder), nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(_model(encoder))
     fn = jax.jit(lambda params, batch, t: nnx.merge(graphdef, params)(batch, t)[:2])
     _FORWARD[encoder] = (fn, params)
   return _FORWARD[encoder]
@@ -132,8 +138,8 @@ def test_unet_works_for_patch_sizes(k):
 def test_scan_and_remat_match_the_plain_loop():
   """Same params: scan_layers + remat="dots" gives the plain loop's loss and gradients."""
   from tfx import losses
-  loop = tfx.model.build_model(_config(), nnx.Rngs(0))
-  scanned = tfx.model.build_model(_config(scan_layers=True, remat="dots"), nnx.Rngs(0))
+  loop = _model("linear")
+  scanned = nnx.eval_shape(lambda: tfx.model.build_model(_config(scan_layers=True, remat="dots"), nnx.Rngs(0)))
   blocks = nnx.to_pure_dict(nnx.state(loop.blocks, nnx.Param))
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(len(loop.blocks))])
   scanned_state = nnx.state(scanned.blocks, nnx.Param)
@@ -141,6 +147,7 @@ def test_scan_and_remat_match_the_plain_loop():
   nnx.update(scanned.blocks, scanned_state)
   for name in ("embed", "patches", "final_norm", "lm_head"):
     nnx.update(getattr(scanned, name), nnx.state(getattr(loop, name)))
+  assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(scanned)))
   batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(5), 2, L, 16, 12, 200, 2).items()}
   config = _config()
 

@@ -111,9 +111,10 @@ class Attention(nnx.Module):
     self.k_norm = layers.RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
     self.rope_theta = rope_theta
 
-  def __call__(self, x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache=None):
-    """Returns (out_BLD, (k, v)); with layer_cache=(k_BSGK, v_BSGK, segment_BS, offset) the new
-    keys/values are written at `offset` and the full updated buffers are returned."""
+  def __call__(self, x_BLD, positions_BL, mask_BLS, layer_cache=None):
+    """Returns (out_BLD, (k, v)). Without a cache the keys are the L new positions (S = L); with
+    layer_cache=(k_BSGK, v_BSGK, offset) the new keys/values are written at `offset` and the full
+    updated buffers are returned. mask_BLS comes from `dense_mask` (shared by all layers)."""
     q_BLHK = self.q(x_BLD)
     k_BLGK = self.k(x_BLD)
     v_BLGK = self.v(x_BLD)
@@ -123,12 +124,10 @@ class Attention(nnx.Module):
     k_BLGK = layers.rope(k_BLGK, positions_BL, self.rope_theta)
     q_BLHK = mesh.constrain(q_BLHK, ("act_batch", "act_len", "act_heads", "act_kv"))
     if layer_cache is None:
-      k_BSGK, v_BSGK, k_segment_BS, offset = k_BLGK, v_BLGK, segment_BL, 0
+      k_BSGK, v_BSGK = k_BLGK, v_BLGK
     else:
-      k_cache, v_cache, k_segment_BS, offset = layer_cache
+      k_cache, v_cache, offset = layer_cache
       k_BSGK = jax.lax.dynamic_update_slice(k_cache, k_BLGK.astype(k_cache.dtype), (0, offset, 0, 0))
       v_BSGK = jax.lax.dynamic_update_slice(v_cache, v_BLGK.astype(v_cache.dtype), (0, offset, 0, 0))
-    mask_BLS = dense_mask(segment_BL, horizon_BL + offset, k_segment_BS)
     out_BLHK = dot_attention(q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype), mask_BLS)
     return self.o(out_BLHK), (k_BSGK, v_BSGK)
-

@@ -29,8 +29,8 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs)
     self.mlp = layers.SwiGLU(m.d_model, d["mlp_dim"], rngs=rngs, dtype=dtype)
 
-  def __call__(self, x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache=None):
-    h_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, segment_BL, horizon_BL, layer_cache)
+  def __call__(self, x_BLD, positions_BL, mask_BLS, layer_cache=None):
+    h_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, mask_BLS, layer_cache)
     x_BLD = mesh.constrain(x_BLD + h_BLD, _ACT)
     x_BLD = mesh.constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), _ACT)
     return x_BLD, kv
@@ -43,8 +43,8 @@ def _remat_policy(name: str):
   return policies[name]
 
 
-def _block_step(block, x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache):
-  return block(x_BLD, positions_BL, segment_BL, horizon_BL, layer_cache)
+def _block_step(block, x_BLD, positions_BL, mask_BLS, layer_cache):
+  return block(x_BLD, positions_BL, mask_BLS, layer_cache)
 
 
 class Transfusion(nnx.Module):
@@ -87,31 +87,32 @@ class Transfusion(nnx.Module):
   def _run_blocks(self, x_BLD, positions_BL, segment_BL, horizon_BL, cache):
     step = self._step_fn()
     if cache is None:
+      mask_BLS = attention.dense_mask(segment_BL, horizon_BL, segment_BL)
       if self.scan_layers:
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def run(x, block):
-          return step(block, x, positions_BL, segment_BL, horizon_BL, None)[0]
+          return step(block, x, positions_BL, mask_BLS, None)[0]
         return run(x_BLD, self.blocks), None
       for block in self.blocks:
-        x_BLD = step(block, x_BLD, positions_BL, segment_BL, horizon_BL, None)[0]
+        x_BLD = step(block, x_BLD, positions_BL, mask_BLS, None)[0]
       return x_BLD, None
 
     offset = cache.length
     segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_BL.astype(jnp.int32),
                                               (0, offset))
+    mask_BLS = attention.dense_mask(segment_BL, horizon_BL + offset, segment_BS)
     if self.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run(x, block, k_BSGK, v_BSGK):
-        x, kv = step(block, x, positions_BL, segment_BL, horizon_BL, (k_BSGK, v_BSGK, segment_BS, offset))
+        x, kv = step(block, x, positions_BL, mask_BLS, (k_BSGK, v_BSGK, offset))
         return x, kv
       x_BLD, (k_N, v_N) = run(x_BLD, self.blocks, cache.k_NBSGK, cache.v_NBSGK)
     else:
       ks, vs = [], []
       for i, block in enumerate(self.blocks):
-        x_BLD, (k, v) = step(block, x_BLD, positions_BL, segment_BL, horizon_BL,
-                             (cache.k_NBSGK[i], cache.v_NBSGK[i], segment_BS, offset))
+        x_BLD, (k, v) = step(block, x_BLD, positions_BL, mask_BLS, (cache.k_NBSGK[i], cache.v_NBSGK[i], offset))
         ks.append(k)
         vs.append(v)
       k_N, v_N = jnp.stack(ks), jnp.stack(vs)
