@@ -87,12 +87,13 @@ def test_two_hosts_get_disjoint_slices_that_cover_the_source(config):
     h1 = [ex[field] for ex in pipeline.host_source(config, which, "train", 1, 2)]
     assert not set(h0) & set(h1)
     assert sorted(h0 + h1) == sorted(full)
-  # The full pipeline of host 0 only ever shows host 0's images.
+  # The full pipeline of host 0 only ever shows the images of its rows r < B/2 (slices [r::B]).
   k = config.image.patch_size
   def patches_of(ex):
     return patching.patchify(pipeline.pixels_to_model(ex["image"], config.image.resolution), k).tobytes()
-  mine = {patches_of(ex) for ex in pipeline.host_source(config, "image_text", "train", 0, 2)}
-  theirs = {patches_of(ex) for ex in pipeline.host_source(config, "image_text", "train", 1, 2)}
+  source, rows = pipeline.open_source(config, "image_text", "train"), config.global_batch_size
+  mine = {patches_of(source[i]) for i in range(len(source)) if i % rows < rows // 2}
+  theirs = {patches_of(source[i]) for i in range(len(source)) if i % rows >= rows // 2}
   it = pipeline.make_iterator(config, process_index=0, process_count=2)
   batches = _take(it, 6)
   assert batches[0]["tokens"].shape == (config.global_batch_size // 2, config.seq_len)

@@ -1,12 +1,21 @@
 """Multi-slice meshes (ICI x DCN) and multi-process training through `python -m tfx.train`."""
 import dataclasses
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from tfx import mesh
+from tfx import mesh, metrics, record
+from tfx.data import pipeline
+from data_testing import small_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,3 +60,71 @@ def test_single_slice_mesh_is_unchanged_and_processes_are_slices_on_cpu():
   # CPU devices carry no slice_index, so processes are the slices: one process cannot be two
   with pytest.raises(mesh.MeshError, match="cannot lay out"):
     mesh.make_mesh(_mesh_config(dcn_data=2))
+
+
+def test_global_batch_does_not_depend_on_the_number_of_hosts():
+  config = small_config()
+  config.global_batch_size = 8
+  one = pipeline.make_iterator(config, process_index=0, process_count=1)
+  hosts = [pipeline.make_iterator(config, process_index=i, process_count=2) for i in range(2)]
+  for _ in range(3):
+    whole, halves = next(one), [next(h) for h in hosts]
+    for k in record.FIELDS:
+      np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]), err_msg=k)
+
+
+# -- 2 processes x 4 devices against 1 process x 8 devices, through `python -m tfx.train` -----------
+
+
+def _train_flags():
+  data = small_config().data  # a small prepared shapes + text dir, shared with the data tests
+  return ["--config=experiments/shapes.py:tiny", "--config.total_steps=4", "--config.checkpoint_every_steps=2",
+          "--config.log_every_steps=1", "--config.mesh.fsdp=2", f"--config.data.data_dir={data.data_dir}",
+          f"--config.data.shapes_train_size={data.shapes_train_size}",
+          f"--config.data.shapes_eval_size={data.shapes_eval_size}"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, devices: int, extra=(), process_id=None, num_processes=None, port=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  args = [sys.executable, "-m", "tfx.train", f"--workdir={workdir}", *_train_flags(), *extra]
+  if num_processes:
+    args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+             f"--process_id={process_id}"]
+  return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(procs) -> None:
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+
+
+def _run_two_processes(workdir, extra=()):
+  port = _free_port()
+  _wait([_launch(workdir, 4, extra, i, 2, port) for i in range(2)])
+
+
+def _losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
+
+
+def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path):
+  single, multi = tmp_path / "one_by_8", tmp_path / "two_by_4"
+  reference = _launch(single, 8)
+  # processes are the DCN granules on CPU: the data axis spans the two processes
+  dcn = ["--config.mesh.dcn_data=2"]
+  _run_two_processes(multi, ["--config.stop_after_step=2", *dcn])
+  assert sorted(_losses(multi)) == [1, 2]
+  assert (multi / "checkpoints").is_dir()
+  _run_two_processes(multi, dcn)  # resumes from step 2
+  _wait([reference])
+  want, got = _losses(single), _losses(multi)
+  assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+  for step in want:
+    assert abs(want[step] - got[step]) < 1e-4, (step, want, got)

@@ -1,12 +1,14 @@
-"""The Grain input pipeline: sources -> host slice -> shuffle/repeat -> examples -> mix+pack -> batch.
+"""The Grain input pipeline: sources -> row slice -> shuffle/repeat -> examples -> mix+pack -> stack rows.
 
 Mixture weights are shares of positions (text tokens + patches), as the paper's
 1:1 text-to-image tokens; tfx.data.packing mixes and packs in one step, so text
 fills the gaps image-caption pairs leave. Each source up to packing is a
 MapDataset (random access, index-seeded randomness), so the iterator state is
 small and exactly restorable; packing keeps the example each stream is in the
-middle of as (parent state, offset). Each host reads the
-disjoint slice [process_index::process_count] of every source.
+middle of as (parent state, offset). Row r of the global batch of B rows is its
+own stream over the slice [r::B] of every source, and each host builds its
+contiguous block of rows: hosts read disjoint data and the global batch does not
+depend on the number of hosts (a 2-host run trains exactly like a 1-host run).
 """
 import grain
 import jax
@@ -95,8 +97,8 @@ def _check_image_source(config, path: str) -> bool:
   return not pixels
 
 
-def host_source(config, which: str, split: str, process_index: int, process_count: int) -> grain.MapDataset:
-  """This host's disjoint slice [process_index::process_count] of the "image_text" or "text" source.
+def open_source(config, which: str, split: str) -> grain.MapDataset:
+  """The whole "image_text" or "text" source of `split`, random access.
 
   A text source without the requested evaluation split (e.g. "test", "heldout")
   is read from its "validation" split.
@@ -105,10 +107,46 @@ def host_source(config, which: str, split: str, process_index: int, process_coun
   path = builtin.resolve(config, name)
   if which == "text" and split != "train" and split not in builders.split_names(path):
     split = "validation"
-  ds = grain.MapDataset.source(builders.open_split(path, split))
-  if len(ds) < process_count:
-    raise ValueError(f"{name}[{split}] has {len(ds)} examples, fewer than the {process_count} hosts reading it")
-  return ds[process_index::process_count]
+  return grain.MapDataset.source(builders.open_split(path, split))
+
+
+def _slice(ds: grain.MapDataset, index: int, count: int, what: str) -> grain.MapDataset:
+  if len(ds) < count:
+    raise ValueError(f"{what} has {len(ds)} examples, fewer than the {count} readers slicing it")
+  return ds[index::count]
+
+
+def host_source(config, which: str, split: str, process_index: int, process_count: int) -> grain.MapDataset:
+  """The disjoint slice [process_index::process_count] of the "image_text" or "text" source."""
+  name = config.data.image_text if which == "image_text" else config.data.text
+  return _slice(open_source(config, which, split), process_index, process_count, f"{name}[{split}]")
+
+
+class _StackRows(grain.IterDataset):
+  """One record from each row stream, stacked into a batch [rows, ...]."""
+
+  def __init__(self, rows: list):
+    super().__init__(list(rows))
+
+  def __iter__(self) -> "_StackRowsIterator":
+    return _StackRowsIterator([row.__iter__() for row in self._parents])
+
+
+class _StackRowsIterator(grain.DatasetIterator):
+  def __init__(self, rows: list):
+    super().__init__(rows)
+    self._rows = rows
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    records = [next(row) for row in self._rows]
+    return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+  def get_state(self) -> dict:
+    return {"rows": [row.get_state() for row in self._rows]}
+
+  def set_state(self, state: dict) -> None:
+    for row, st in zip(self._rows, state["rows"]):
+      row.set_state(st)
 
 
 def make_dataset(config, *, split: str = "train", process_index: int | None = None,
@@ -130,25 +168,35 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
   patch_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
-  seed = config.seed + d.shuffle_buffer_seed
-  parts, weights = [], []
+  sources = {}
   if d.image_text and d.image_text_weight > 0:
     use_latent = _check_image_source(config, builtin.resolve(config, d.image_text))
-    ds = host_source(config, "image_text", split, process_index, process_count)
-    ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.random_map(_ImageTextToExample(config, tok, use_latent), seed=seed + 1)
-    parts.append(ds)
-    weights.append(d.image_text_weight)
+    sources["image_text"] = (open_source(config, "image_text", split), d.image_text, d.image_text_weight)
   if d.text and d.text_weight > 0:
-    ds = host_source(config, "text", split, process_index, process_count)
-    ds = ds.shuffle(seed=seed + 2).repeat().map(_TextToExample(tok, patch_dim))
-    parts.append(ds)
-    weights.append(d.text_weight)
-  if not parts:
+    sources["text"] = (open_source(config, "text", split), d.text, d.text_weight)
+  if not sources:
     raise ValueError("no data: set data.image_text and/or data.text with a positive weight")
-  packed = packing.MixPackIterDataset([p.to_iter_dataset() for p in parts], weights, seq_len=config.seq_len,
-                                      pad_id=tok.pad_id, max_images=config.image.max_images_per_seq)
-  batched = packed.batch(config.global_batch_size // process_count, drop_remainder=True)
+  # Row r of every global batch is its own packed stream over slice [r::B] of each
+  # source; a host builds the streams of its contiguous block of rows. So the
+  # global batch is the same for any number of hosts, and hosts read disjoint data.
+  rows_per_host = config.global_batch_size // process_count
+  first = process_index * rows_per_host
+  rows = []
+  for row in range(first, first + rows_per_host):
+    seed = config.seed + d.shuffle_buffer_seed + 1000 * row
+    parts, weights = [], []
+    for which, (source, name, weight) in sources.items():
+      ds = _slice(source, row, config.global_batch_size, f"{name}[{split}]")
+      if which == "image_text":
+        ds = ds.shuffle(seed=seed).repeat()
+        ds = ds.random_map(_ImageTextToExample(config, tok, use_latent), seed=seed + 1)
+      else:
+        ds = ds.shuffle(seed=seed + 2).repeat().map(_TextToExample(tok, patch_dim))
+      parts.append(ds.to_iter_dataset())
+      weights.append(weight)
+    rows.append(packing.MixPackIterDataset(parts, weights, seq_len=config.seq_len, pad_id=tok.pad_id,
+                                           max_images=config.image.max_images_per_seq))
+  batched = _StackRows(rows)
   if d.worker_count > 0:
     if not flags.FLAGS.is_parsed():   # Grain's workers read absl flags; outside an absl app use defaults
       flags.FLAGS.mark_as_parsed()
