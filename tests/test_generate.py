@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from tfx import config as tfx_config
 from tfx import generate, record
@@ -149,9 +150,10 @@ def test_sample_tokens_filters():
   assert abs((full == 0).mean() - 0.5) < 0.05 and (full == 3).any()
 
 
-def test_caption_and_complete_batch(gen, tok):
+def test_caption_and_complete_batch(gen, tok, tmp_path):
   images = gen.text_to_image(PROMPTS, seed=0, steps=3)
-  caps = gen.caption([images[0], images[1][:8]], max_tokens=6)  # any size is resized
+  Image.fromarray(images[0]).save(tmp_path / "a.png")
+  caps = gen.caption([str(tmp_path / "a.png"), images[1][:8]], max_tokens=6)  # a path; any size is resized
   assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
   assert gen.caption([images[1][:8], images[0]], max_tokens=6) == caps[::-1]  # greedy, row-independent
   texts = gen.complete(PROMPTS, max_tokens=6, temperature=1.0, top_k=5, seed=1)

@@ -11,6 +11,7 @@ which the attention mask ignores.
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -34,17 +35,6 @@ def load_image(path: str) -> np.ndarray:
       return np.asarray(im.convert("RGB"), np.uint8)
   except (OSError, UnidentifiedImageError, ValueError) as e:
     raise ImageReadError(f"cannot read image {path}: {e}") from None
-
-
-def resize_to_unit(image_HW3: np.ndarray, resolution: int) -> np.ndarray:
-  """uint8 [H, W, 3] (any size) -> float32 [R, R, 3] in [-1, 1]."""
-  from PIL import Image
-  image_HW3 = np.asarray(image_HW3)
-  if image_HW3.ndim != 3 or image_HW3.shape[-1] != 3 or image_HW3.dtype != np.uint8:
-    raise ImageReadError(f"an image must be uint8 [H, W, 3], got {image_HW3.dtype} {image_HW3.shape}")
-  if image_HW3.shape[:2] != (resolution, resolution):
-    image_HW3 = np.asarray(Image.fromarray(image_HW3).resize((resolution, resolution), Image.BICUBIC))
-  return image_HW3.astype(np.float32) / 127.5 - 1.0
 
 
 def to_uint8(images) -> np.ndarray:
@@ -331,14 +321,13 @@ class Generator:
                                        bos=bos, image_last=True)
 
   def image_patches(self, images) -> np.ndarray:
-    """uint8 images (list of [H, W, 3], any size) -> patches [N, n, P] in diffusion units."""
+    """Images (uint8 [H, W, 3] of any size, or PNG/JPEG paths) -> patches [N, n, P] in diffusion units."""
     from tfx.data import pipeline
-    for img in images:
-      img = np.asarray(img)
+    arrays = [load_image(img) if isinstance(img, (str, os.PathLike)) else np.asarray(img) for img in images]
+    for img in arrays:
       if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
         raise ImageReadError(f"an image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
-    pixels_NRR3 = np.stack([pipeline.pixels_to_model(np.asarray(img), self.config.image.resolution)
-                            for img in images])
+    pixels_NRR3 = np.stack([pipeline.pixels_to_model(img, self.config.image.resolution) for img in arrays])
     if self.config.autoencoder.kind == "pixels":
       grid = pixels_NRR3  # the data pipeline feeds raw pixels, unscaled
     else:
@@ -449,7 +438,7 @@ class Generator:
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               max_tokens: int = 32, batch_size: int = 16, progress=None) -> list[str]:
-    """One caption per uint8 image ([H, W, 3], any size): `BOS BOI patches EOI`, then text to EOS."""
+    """One caption per image (uint8 [H, W, 3] of any size, or a path): `BOS BOI patches EOI`, then text."""
     def run(chunk, first):
       pieces = [self.image_piece(p, bos=True) for p in self.image_patches(chunk)]
       return self._continue(pieces, jax.random.fold_in(jax.random.PRNGKey(seed), first), temperature, top_k,
@@ -475,7 +464,7 @@ class Generator:
   def generate(self, prompt: list, *, seed: int = 0, max_tokens: int = 64, max_images: int = 1,
                image_next: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                steps=None, cfg_scale=None, sampler=None) -> list:
-    """Continues one interleaved prompt (str and uint8 [H, W, 3] items, any order).
+    """Continues one interleaved prompt: text (str) and images (uint8 [H, W, 3]), any order.
 
     Text is decoded until EOS or `max_tokens`; each BOI it produces (or that
     `image_next` forces) is followed by a denoised image, up to `max_images`.
