@@ -23,7 +23,9 @@ matters for them). The returned cache has length + L. Calls are pure: to
 denoise an image against a fixed prefix, call the model on the image's n
 patches with the SAME prefix cache at every step and drop the returned cache;
 commit the image (one more call on its final patches) only when it is done.
-A chunk must hold whole images (an image never straddles the cache boundary).
+A chunk must hold whole images (an image never straddles the cache boundary)
+and must fit: length + L <= max_len (checked when length is concrete; under
+jit the caller sizes the cache, as an overflowing write would be clamped).
 RoPE uses the batch's `positions`, so rows may be left-padded with segment 0.
 """
 import flax.struct

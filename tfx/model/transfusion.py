@@ -98,7 +98,10 @@ class Transfusion(nnx.Module):
         x_BLD = step(block, x_BLD, positions_BL, mask_BLS, None)[0]
       return x_BLD, None
 
-    offset = cache.length
+    offset, L = cache.length, segment_BL.shape[1]
+    if L > cache.max_len or (not isinstance(offset, jax.core.Tracer) and int(offset) + L > cache.max_len):
+      raise ValueError(f"KV cache overflow: {L} new positions do not fit a cache of max_len {cache.max_len} "
+                       f"holding {offset}")
     segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_BL.astype(jnp.int32),
                                               (0, offset))
     mask_BLS = attention.dense_mask(segment_BL, horizon_BL + offset, segment_BS)
@@ -117,7 +120,7 @@ class Transfusion(nnx.Module):
         vs.append(v)
       k_N, v_N = jnp.stack(ks), jnp.stack(vs)
     new_cache = attention.KVCache(k_N.astype(cache.k_NBSGK.dtype), v_N.astype(cache.v_NBSGK.dtype),
-                                  segment_BS, offset + segment_BL.shape[1])
+                                  segment_BS, offset + L)
     return x_BLD, new_cache
 
   def __call__(self, batch, t_BL, *, cache=None):
