@@ -42,8 +42,8 @@ def _config(**model):
 
 @pytest.fixture(scope="module")
 def cached_pair():
-  """A tiny model (scanned layers, so both code paths are covered across tests) and jitted calls."""
-  config = _config(scan_layers=True)
+  """A tiny model (scanned layers, QK-norm, tied head: the variants test_model leaves out), jitted calls."""
+  config = _config(scan_layers=True, qk_norm=True, tie_embeddings=True)  # paths the other tests skip
   model = tfx.model.build_model(config, nnx.Rngs(1))
   graphdef, params = nnx.split(model)
 
@@ -90,6 +90,8 @@ def test_kv_cache_prefix_then_rest_equals_full_forward(cached_pair, split_batch)
   assert int(cache2.length) == TOTAL
   np.testing.assert_allclose(np.concatenate([lo1, lo2], 1), logits, atol=1e-5)
   np.testing.assert_allclose(np.concatenate([po1, po2], 1), patch_out, atol=1e-5)
+  with pytest.raises(ValueError, match="overflow"):
+    step(params, batch, t, model.init_cache(2, TOTAL - 1))
 
 
 def test_denoising_steps_reuse_an_uncommitted_prefix(cached_pair, split_batch):
