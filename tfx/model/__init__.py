@@ -1,4 +1,10 @@
-"""The Transfusion model: `build_model(config, rngs)`; presets, FLOPs report, attention/cache protocol."""
+"""The Transfusion model.
+
+  build_model(config, rngs) -> Transfusion         config = full tfx config; preset applied
+  model(batch, t_BL, *, cache=None) -> (logits_BLV, patch_out_BLP, new_cache)
+  model.init_cache(batch_size, max_len) -> KVCache  protocol in tfx/model/attention.py
+  presets.resolve(config), flops.report(config)
+"""
 from flax import nnx
 
 from tfx.model import presets

@@ -126,6 +126,8 @@ class UNetPatches(nnx.Module):
 
   Each image's n contiguous patches are regrouped into its latent grid [s*k, s*k, c]; log2(k)
   stride-2 levels bring it to [s, s, d_model], so any power-of-two patch size k works.
+  A sequence holds at most min(image.max_images_per_seq, L // n) images (the data packer
+  enforces the config bound); the timestep of an image is read at its first patch.
   """
 
   def __init__(self, *, patch_size: int, channels: int, grid_side: int, d_model: int,
