@@ -1,7 +1,7 @@
 """`python -m tfx.evaluate --workdir=W`: scores a trained checkpoint; `quick_eval` for training.
 
 Writes WORKDIR/eval/<step>.json (metrics, options, sample captions), a PNG grid of
-generated images beside it, TensorBoard scalars under WORKDIR/tensorboard
+the first 24 generated images beside it (prompts listed in the JSON), TensorBoard scalars under WORKDIR/tensorboard
 (tag eval/<metric>), and prints a short table. Sweeps: several --cfg_scales
 and/or --steps evaluate text-to-image once per combination.
 """
@@ -121,7 +121,10 @@ def write_results(workdir: str, step: int, result: suite.Result, options: suite.
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1)
   os.replace(tmp, path)
-  Image.fromarray(generate.image_grid(result.images[:24], cols=8)).save(path[:-len(".json")] + ".png")
+  images = result.images[:24]
+  scale = max(1, 64 // images.shape[1])  # small images are hard to see: nearest-neighbour upscale
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  Image.fromarray(generate.image_grid(images, cols=8)).save(path[:-len(".json")] + ".png")
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   for key, value in result.metrics.items():
     writer.add_scalar(f"eval/{key}", float(value), step)

@@ -46,18 +46,13 @@ def sweep_suffix(cfg_scale, steps, first: bool) -> str:
 
 def generate_images(gen, captions: list[str], *, batch_size: int, seed: int, cfg_scale, steps, sampler):
   """uint8 [N, H, W, 3]; sample i's noise depends only on (seed, i)."""
-  out = []
-  for first in range(0, len(captions), batch_size):
-    out.append(gen.text_to_image(captions[first:first + batch_size], seed=seed, first_index=first,
-                                 steps=steps, cfg_scale=cfg_scale, sampler=sampler))
-  return np.concatenate(out)
+  return gen.text_to_image(captions, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                           batch_size=batch_size)
 
 
 def generate_captions(gen, images: np.ndarray, *, batch_size: int, max_tokens: int, seed: int) -> list[str]:
-  out = []
-  for first in range(0, len(images), batch_size):
-    out += gen.caption(list(images[first:first + batch_size]), seed=seed, max_tokens=max_tokens)
-  return out
+  """Greedy captions of uint8 images."""
+  return gen.caption(list(images), seed=seed, max_tokens=max_tokens, batch_size=batch_size)
 
 
 def text_to_image_scores(pairs: eval_set.PairSet, images: np.ndarray) -> dict[str, float]:
