@@ -81,24 +81,40 @@ def _image_keys(batches, k):
 
 
 def test_two_hosts_get_disjoint_slices_that_cover_the_source(config):
+  rows = config.global_batch_size
   for which, field in (("image_text", "spec"), ("text", "text")):
-    full = [ex[field] for ex in pipeline.host_source(config, which, "train", 0, 1)]
-    h0 = [ex[field] for ex in pipeline.host_source(config, which, "train", 0, 2)]
-    h1 = [ex[field] for ex in pipeline.host_source(config, which, "train", 1, 2)]
+    source = pipeline.open_source(config, which, "train")
+    full = [ex[field] for ex in source]
+    h0 = [ex[field] for r in range(rows // 2) for ex in pipeline.row_slice(source, r, rows)]
+    h1 = [ex[field] for r in range(rows // 2, rows) for ex in pipeline.row_slice(source, r, rows)]
     assert not set(h0) & set(h1)
     assert sorted(h0 + h1) == sorted(full)
   # The full pipeline of host 0 only ever shows the images of its rows r < B/2 (slices [r::B]).
   k = config.image.patch_size
   def patches_of(ex):
     return patching.patchify(pipeline.pixels_to_model(ex["image"], config.image.resolution), k).tobytes()
-  source, rows = pipeline.open_source(config, "image_text", "train"), config.global_batch_size
+  source = pipeline.open_source(config, "image_text", "train")
   mine = {patches_of(source[i]) for i in range(len(source)) if i % rows < rows // 2}
   theirs = {patches_of(source[i]) for i in range(len(source)) if i % rows >= rows // 2}
-  it = pipeline.make_iterator(config, process_index=0, process_count=2)
-  batches = _take(it, 6)
-  assert batches[0]["tokens"].shape == (config.global_batch_size // 2, config.seq_len)
-  seen = _image_keys(batches, k)
+  host0 = _take(pipeline.make_iterator(config, process_index=0, process_count=2), 3)
+  host1 = _take(pipeline.make_iterator(config, process_index=1, process_count=2), 3)
+  assert host0[0]["tokens"].shape == (config.global_batch_size // 2, config.seq_len)
+  seen = _image_keys(host0, k)
   assert seen and set(seen) <= mine and not set(seen) & theirs
+  # Together the two hosts build exactly the batches one host builds.
+  one = _take(pipeline.make_iterator(config, process_index=0, process_count=1), 3)
+  _assert_batches_equal(one, [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(host0, host1)])
+
+
+def test_a_source_smaller_than_the_batch_is_read_by_every_row(config):
+  c = config.copy_and_resolve_references()
+  c.data.image_text_weight = 0.0
+  c.global_batch_size = 16
+  docs = len(pipeline.open_source(c, "text", "validation"))
+  assert docs < 16
+  b = next(pipeline.make_iterator(c, split="validation", process_index=0, process_count=1))
+  record.check(b, c.seq_len, P)
+  assert len({b["tokens"][r].tobytes() for r in range(16)}) > 1   # rows differ by their shuffle
 
 
 def _random_examples(rng, n_examples, n_patches):

@@ -110,16 +110,15 @@ def open_source(config, which: str, split: str) -> grain.MapDataset:
   return grain.MapDataset.source(builders.open_split(path, split))
 
 
-def _slice(ds: grain.MapDataset, index: int, count: int, what: str) -> grain.MapDataset:
-  if len(ds) < count:
-    raise ValueError(f"{what} has {len(ds)} examples, fewer than the {count} readers slicing it")
-  return ds[index::count]
+def row_slice(source: grain.MapDataset, row: int, rows: int) -> grain.MapDataset:
+  """What batch row `row` of `rows` reads: source[row::rows], or the whole source if it has fewer than `rows`."""
+  return source[row::rows] if len(source) >= rows else source
 
 
-def host_source(config, which: str, split: str, process_index: int, process_count: int) -> grain.MapDataset:
-  """The disjoint slice [process_index::process_count] of the "image_text" or "text" source."""
-  name = config.data.image_text if which == "image_text" else config.data.text
-  return _slice(open_source(config, which, split), process_index, process_count, f"{name}[{split}]")
+# Rows read synchronously: one background thread (or worker process) prefetches whole
+# batches, and Grain's default 16 threads x 500 elements per row stream would decode
+# tens of thousands of examples before the first batch.
+_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 class _StackRows(grain.IterDataset):
@@ -171,9 +170,9 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
   sources = {}
   if d.image_text and d.image_text_weight > 0:
     use_latent = _check_image_source(config, builtin.resolve(config, d.image_text))
-    sources["image_text"] = (open_source(config, "image_text", split), d.image_text, d.image_text_weight)
+    sources["image_text"] = (open_source(config, "image_text", split), d.image_text_weight)
   if d.text and d.text_weight > 0:
-    sources["text"] = (open_source(config, "text", split), d.text, d.text_weight)
+    sources["text"] = (open_source(config, "text", split), d.text_weight)
   if not sources:
     raise ValueError("no data: set data.image_text and/or data.text with a positive weight")
   # Row r of every global batch is its own packed stream over slice [r::B] of each
@@ -183,16 +182,16 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
   first = process_index * rows_per_host
   rows = []
   for row in range(first, first + rows_per_host):
-    seed = config.seed + d.shuffle_buffer_seed + 1000 * row
+    seed = int(np.random.SeedSequence([config.seed, d.shuffle_buffer_seed, row]).generate_state(1)[0])
     parts, weights = [], []
-    for which, (source, name, weight) in sources.items():
-      ds = _slice(source, row, config.global_batch_size, f"{name}[{split}]")
+    for which, (source, weight) in sources.items():
+      ds = row_slice(source, row, config.global_batch_size)
       if which == "image_text":
         ds = ds.shuffle(seed=seed).repeat()
-        ds = ds.random_map(_ImageTextToExample(config, tok, use_latent), seed=seed + 1)
+        ds = ds.random_map(_ImageTextToExample(config, tok, use_latent), seed=(seed + 1) % 2**32)
       else:
-        ds = ds.shuffle(seed=seed + 2).repeat().map(_TextToExample(tok, patch_dim))
-      parts.append(ds.to_iter_dataset())
+        ds = ds.shuffle(seed=(seed + 2) % 2**32).repeat().map(_TextToExample(tok, patch_dim))
+      parts.append(ds.to_iter_dataset(_READ))
       weights.append(weight)
     rows.append(packing.MixPackIterDataset(parts, weights, seq_len=config.seq_len, pad_id=tok.pad_id,
                                            max_images=config.image.max_images_per_seq))
