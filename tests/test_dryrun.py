@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -119,3 +121,28 @@ def test_cli_misuse_exits_2():
                          (["--bogus=1"], "tfx.dryrun: Unknown command line flag 'bogus'")]:
     bad = subprocess.run(base + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr
+
+
+def test_query_blocked_attention_matches_dense():
+  """Long sequences attend block by block (what lets 7B fit); same values and gradients as dense."""
+  from tfx.model import attention
+  L = 2 * attention.QUERY_BLOCK
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, L, 4, 8)), jnp.float32) for _ in range(3))
+  k, v = k[:, :, :2], v[:, :, :2]  # grouped KV heads
+  segment = jnp.asarray(np.repeat([[1, 2, 0], [1, 1, 1]], [600, 400, L - 1000], axis=1), jnp.int32)
+  image_ids = jnp.zeros_like(segment).at[:, 100:356].set(1)
+  modality = (image_ids > 0).astype(jnp.int32)
+  mask = attention.dense_mask(segment, attention.horizon(image_ids, modality), segment)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v, mask)))
+
+  blocked = jax.value_and_grad(lambda *a: loss(attention.dot_attention, *a), argnums=(0, 1, 2))(q, k, v)
+  dense = jax.value_and_grad(lambda *a: loss(attention._dense_attention, *a), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-5)
+  for got, want in zip(blocked[1], dense[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # the [.., L, L] fp32 scores never exist: only [.., QUERY_BLOCK, L] blocks inside a loop
+  jaxpr = str(jax.make_jaxpr(lambda *a: attention.dot_attention(*a, mask))(q, k, v))
+  assert f"f32[2,2,2,{attention.QUERY_BLOCK},{L}]" in jaxpr and f"f32[2,2,2,{L},{L}]" not in jaxpr

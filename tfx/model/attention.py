@@ -79,8 +79,29 @@ def dense_mask(q_segment_BL, q_horizon_BL, k_segment_BS):
   return same_BLS & (jnp.arange(S)[None, None, :] <= q_horizon_BL[:, :, None])
 
 
+# Queries per block on long sequences: each block is rematerialized in the backward
+# pass, so the fp32 scores live as [.., 512, S], never [.., L, S] (7B on 64 devices
+# at 2M-token batches: 101 -> 35 GiB per device, measured with tfx.dryrun).
+QUERY_BLOCK = 512
+
+
 def dot_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS):
-  """Softmax attention with grouped KV heads; rows with no visible key give zeros."""
+  """Softmax attention with grouped KV heads; rows with no visible key give zeros.
+
+  Sequences longer than QUERY_BLOCK (and a multiple of it) run one query block at a time.
+  """
+  B, L, H, K = q_BLHK.shape
+  if L <= QUERY_BLOCK or L % QUERY_BLOCK:
+    return _dense_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS)
+  n, S = L // QUERY_BLOCK, mask_BLS.shape[-1]
+  q_NBCHK = q_BLHK.reshape(B, n, QUERY_BLOCK, H, K).swapaxes(0, 1)
+  mask_NBCS = mask_BLS.reshape(B, n, QUERY_BLOCK, S).swapaxes(0, 1)
+  block = jax.checkpoint(lambda qm: _dense_attention(qm[0], k_BSGK, v_BSGK, qm[1]))
+  out_NBCHK = jax.lax.map(block, (q_NBCHK, mask_NBCS))
+  return out_NBCHK.swapaxes(0, 1).reshape(B, L, H, K)
+
+
+def _dense_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS):
   B, L, H, K = q_BLHK.shape
   G = k_BSGK.shape[2]
   q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
