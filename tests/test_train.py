@@ -97,6 +97,16 @@ def test_mesh_2x2x2_matches_one_device_and_follows_the_rules(batches):
     assert dict(a.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
+def test_bfloat16_compute_keeps_float32_params_and_moments():
+  config = tiny_config(**{"model.dtype": "bfloat16"})
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  with jax.set_mesh(mesh):
+    factory = state_lib.StateFactory(config, optim.make_optimizer(config), mesh, build_model)
+  dtypes = {a.dtype for a in jax.tree.leaves((factory.abstract.params, factory.abstract.ema))}
+  moments = {a.dtype for a in jax.tree.leaves(factory.abstract.opt_state) if a.ndim}
+  assert dtypes == moments == {jnp.dtype(jnp.float32)}
+
+
 # -- the loop: resume, mesh change, NaN ------------------------------------------------
 
 @pytest.fixture(scope="module")

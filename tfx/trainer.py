@@ -151,7 +151,6 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   progress = metrics_lib.Progress(config.total_steps, enabled=is_chief)
   throughput = metrics_lib.Throughput(config.global_batch_size * config.seq_len,
                                       _flops_per_token(config), jax.device_count(), jax.devices()[0])
-  throughput.update(start)
   delayed = metrics_lib.DelayedFetch()
   train_step = None
   last = {}
@@ -164,6 +163,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
       raise metrics_lib.NonFiniteLossError(f"gradient norm is not finite at step {step}; stopping")
     last = {"step": step, **values}
     if step % max(config.log_every_steps, 1) == 0 or step == stop or step == start + 1:
+      # The first call only sets the clock: rates exclude the first step's compile.
       values = {**values, **throughput.update(step)}
       writer.write(step, values)
       progress.report(step, values)
