@@ -75,9 +75,13 @@ def _check_workdir_writable(workdir) -> None:
 
 @contextlib.contextmanager
 def _sigterm_flag():
-  """Yields an Event set on SIGTERM (preemption), so the loop can save and exit cleanly."""
+  """Yields an Event set on SIGTERM (preemption), so the loop can save and exit cleanly.
+
+  Multi-process runs leave SIGTERM to jax.distributed's preemption service, which
+  makes every host agree on the step to stop at (Checkpointer.reached_preemption).
+  """
   event = threading.Event()
-  if threading.current_thread() is not threading.main_thread():
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
     yield event
     return
   previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
@@ -182,7 +186,8 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
         fetched = delayed.push(done, step_metrics)
         if fetched:
           handle(fetched)
-        stopping = preempted.is_set() or (jax.process_count() > 1 and checkpointer.reached_preemption(done))
+        stopping = (checkpointer.reached_preemption(done) if jax.process_count() > 1
+                    else preempted.is_set())
         every = config.checkpoint_every_steps
         if done == stop or stopping or (every and done % every == 0):
           fetched = delayed.flush()  # never save a state whose step went non-finite
