@@ -198,3 +198,12 @@ def test_generate_interleaved_several_images(image_loving_gen, gen, tok):
   assert out[0].shape == (16, 16, 3)
   with pytest.raises(ValueError, match="empty"):
     gen.generate(["", ""])
+
+
+def test_scan_layers_model_in_the_jitted_loops(tok):
+  """nnx.scan over layers inside lax loops needs the params carried through the loop state."""
+  c = tiny_config()
+  c.model.scan_layers = True
+  scan_gen = generate.Generator(c, model_lib.build_model(c, nnx.Rngs(0)), tokenizer=tok)
+  assert scan_gen.text_to_image(PROMPTS[:1], steps=2).shape == (1, 16, 16, 3)
+  assert isinstance(scan_gen.complete(PROMPTS[:1], max_tokens=3)[0], str)

@@ -154,11 +154,11 @@ def _decode(graphdef, params, cache, logits_BV, next_pos_B, rng, limit, banned_V
   B = logits_BV.shape[0]
 
   def cond(state):
-    i, _, _, done_B, _, _ = state
+    i, _, _, done_B, _, _, _ = state
     return (i < limit) & ~jnp.all(done_B)
 
   def body(state):
-    i, cache, logits_BV, done_B, tokens_BT, rng = state
+    i, cache, logits_BV, done_B, tokens_BT, rng, params = state
     rng, key = jax.random.split(rng)
     logits_BV = jnp.where(banned_V[None], -jnp.inf, logits_BV)
     tok_B = sample_tokens(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -167,32 +167,37 @@ def _decode(graphdef, params, cache, logits_BV, next_pos_B, rng, limit, banned_V
     done_B = done_B | stop_V[tok_B]
     batch = _text_batch(tok_B[:, None], (next_pos_B + i)[:, None], patch_dim)
     logits_B1V, _, cache = _forward(graphdef, params, batch, jnp.zeros((B, 1), jnp.float32), cache)
-    return i + 1, cache, logits_B1V[:, 0], done_B, tokens_BT, rng
+    return i + 1, cache, logits_B1V[:, 0], done_B, tokens_BT, rng, params
 
+  # params ride in the loop state: NNX transforms inside the model (scan over layers) need the
+  # module's arrays at the loop's own trace level
   state = (jnp.int32(0), cache, logits_BV, jnp.zeros((B,), bool), jnp.full((B, max_new), pad_id, jnp.int32),
-           rng)
-  steps, cache, logits_BV, _, tokens_BT, _ = jax.lax.while_loop(cond, body, state)
+           rng, params)
+  steps, cache, logits_BV, _, tokens_BT, _, _ = jax.lax.while_loop(cond, body, state)
   return tokens_BT, steps, cache, logits_BV
 
 
-def _denoise_loop(predict, schedule, x_T_BnP, keys_B, cfg_scale, *, steps: int, sampler: str,
+def _denoise_loop(predict, params, schedule, x_T_BnP, keys_B, cfg_scale, *, steps: int, sampler: str,
                   prediction: str, guided: bool):
-  """Runs `steps` sampler steps from pure noise; `predict(x_BnP, t)` gives [cond; uncond] outputs."""
+  """Runs `steps` sampler steps from pure noise; `predict(params, x_XnP, t)` gives [cond; uncond] outputs.
+
+  params ride in the loop carry so that NNX transforms inside the model see them at the loop's level."""
   T = schedule.num_timesteps
   ts_np = diffusion.sample_timesteps(steps, T)
   ts, ts_prev = jnp.asarray(ts_np), jnp.asarray(diffusion.previous_timesteps(ts_np))
   B = x_T_BnP.shape[0]
 
-  def body(i, x_BnP):
+  def body(i, state):
+    x_BnP, params = state
     t, t_prev = ts[i], ts_prev[i]
-    out_XnP = predict(jnp.concatenate([x_BnP, x_BnP]) if guided else x_BnP, t)
+    out_XnP = predict(params, jnp.concatenate([x_BnP, x_BnP]) if guided else x_BnP, t)
     out_BnP = diffusion.cfg_combine(out_XnP[:B], out_XnP[B:], cfg_scale) if guided else out_XnP
     if sampler == "ddim":
-      return diffusion.ddim_step(schedule, x_BnP, t, t_prev, out_BnP, prediction)
+      return diffusion.ddim_step(schedule, x_BnP, t, t_prev, out_BnP, prediction), params
     noise_BnP = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BnP.shape[1:]))(keys_B)
-    return diffusion.ddpm_step(schedule, x_BnP, t, t_prev, out_BnP, prediction, noise_BnP)
+    return diffusion.ddpm_step(schedule, x_BnP, t, t_prev, out_BnP, prediction, noise_BnP), params
 
-  return jax.lax.fori_loop(0, steps, body, x_T_BnP)
+  return jax.lax.fori_loop(0, steps, body, (x_T_BnP, params))[0]
 
 
 def _denoise_cached(graphdef, params, schedule, cache, x_T_BnP, start_X, image_id, keys_B, cfg_scale, *,
@@ -202,12 +207,12 @@ def _denoise_cached(graphdef, params, schedule, cache, x_T_BnP, start_X, image_i
   The cache (and `start_X`, each row's first patch position) holds the B
   conditional rows, then, when guided, the B unconditional ones.
   """
-  def predict(x_XnP, t):
+  def predict(params, x_XnP, t):
     batch = _image_batch(x_XnP, start_X, image_id, pad_id)
     t_XL = jnp.full(x_XnP.shape[:2], t, jnp.float32)
     return _forward(graphdef, params, batch, t_XL, cache)[1]
 
-  return _denoise_loop(predict, schedule, x_T_BnP, keys_B, cfg_scale, steps=steps, sampler=sampler,
+  return _denoise_loop(predict, params, schedule, x_T_BnP, keys_B, cfg_scale, steps=steps, sampler=sampler,
                        prediction=prediction, guided=guided)
 
 
@@ -216,14 +221,14 @@ def _denoise_recompute(graphdef, params, schedule, prefix, x_T_BnP, start_X, ima
   """The reference path: every step runs the whole prefix plus the image with no cache."""
   Lp = prefix["tokens"].shape[1]
 
-  def predict(x_XnP, t):
+  def predict(params, x_XnP, t):
     image = _image_batch(x_XnP, start_X, image_id, pad_id)
     batch = {k: jnp.concatenate([prefix[k], image[k]], axis=1) for k in image}
     t_XL = jnp.concatenate([jnp.zeros(prefix["tokens"].shape, jnp.float32),
                             jnp.full(x_XnP.shape[:2], t, jnp.float32)], axis=1)
     return _forward(graphdef, params, batch, t_XL, None)[1][:, Lp:]
 
-  return _denoise_loop(predict, schedule, x_T_BnP, keys_B, cfg_scale, steps=steps, sampler=sampler,
+  return _denoise_loop(predict, params, schedule, x_T_BnP, keys_B, cfg_scale, steps=steps, sampler=sampler,
                        prediction=prediction, guided=guided)
 
 
