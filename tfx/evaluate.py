@@ -200,7 +200,9 @@ def main(argv=None) -> int:
     ckpt.close()
   options = suite.Options(
       split=args.split, num=args.num, num_heldout=args.num_heldout,
-      cfg_scales=tuple(args.cfg_scales or (None,)), steps=tuple(args.steps or (None,)), sampler=args.sampler,
+      cfg_scales=tuple(args.cfg_scales or (config.diffusion.cfg_scale,)),
+      steps=tuple(args.steps or (config.diffusion.sample_steps,)),
+      sampler=args.sampler or config.diffusion.sampler,
       seed=args.seed, batch_size=args.batch_size, caption_tokens=args.caption_tokens,
       text_records=args.text_records, inception=args.inception_weights,
       shapesnet=args.shapesnet or os.path.join(args.workdir, EVAL_SUBDIR,
