@@ -30,10 +30,6 @@ class PairSet:
   def __len__(self) -> int:
     return len(self.prompts)
 
-  def take(self, kind: str | None = None, limit: int | None = None) -> "PairSet":
-    idx = [i for i, p in enumerate(self.prompts) if kind is None or p.kind == kind][:limit]
-    return PairSet([self.prompts[i] for i in idx], self.images[idx], self.has_kinds)
-
   def not_held_out(self) -> "PairSet":
     idx = [i for i, p in enumerate(self.prompts) if not p.held_out]
     return PairSet([self.prompts[i] for i in idx], self.images[idx], self.has_kinds)
