@@ -172,3 +172,81 @@ def test_cache_refuses_to_overwrite_and_pixels(latent_configs, tmp_path):
     cache_latents.cache(pixels, str(tmp_path / "new"))
   with pytest.raises(autoencoder.AutoencoderError, match="no `image` feature"):
     cache_latents.cache(latents, str(tmp_path / "new"))
+
+
+# -- the tfx VAE ------------------------------------------------------------------------
+
+def _vae_config(steps: int):
+  from data_testing import small_config
+
+  c = small_config()
+  # One level (no resampling) and no attention: the smallest graph, so the sharded step compiles fast.
+  c.autoencoder.update(kind="vae", latent_channels=4, downsample=1, vae_channels=(8,), vae_norm_groups=4,
+                       vae_mid_attention=False, train_steps=steps, train_batch_size=8, eval_images=8)
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  return c
+
+
+def test_train_autoencoder_runs_saves_loads_and_resumes(tmp_path):
+  from tfx import metrics
+  from tfx import train_autoencoder
+  from tfx.autoencoder import quality, vae
+
+  quiet = lambda *_: None
+  straight = train_autoencoder.run(_vae_config(3), str(tmp_path / "b"), log=quiet)
+  shutil.copytree(tmp_path / "b", tmp_path / "a")
+  shutil.rmtree(tmp_path / "a" / "checkpoints" / "3")  # as if killed after the step-2 checkpoint
+  resumed = train_autoencoder.run(_vae_config(3), str(tmp_path / "a"), log=quiet)
+  assert (straight["start_step"], resumed["start_step"]) == (0, 2)
+  loss = lambda w: [r["loss"] for r in metrics.read_metrics(tmp_path / w)]
+  assert len(loss("a")) == 3 and np.allclose(loss("a"), loss("b"), rtol=1e-5)  # resume is exact
+  assert resumed["psnr_db"] == pytest.approx(straight["psnr_db"], abs=1e-3)
+
+  meta = vae.read_metadata(tmp_path / "b")
+  config = _vae_config(3)
+  config.autoencoder.update(path=str(tmp_path / "b"), scaling_factor=meta["scaling_factor"],
+                            shift_factor=meta["shift_factor"])
+  ae = autoencoder.load(config)
+  test_images, captions = train_autoencoder.read_images(train_autoencoder.open_images(config, "test"), range(8), 16)
+  assert quality.evaluate(ae, test_images, captions)["psnr_db"] == pytest.approx(straight["psnr_db"], abs=1e-3)
+  latents = quality.batched(ae.encode, quality.to_unit(test_images))
+  assert latents.shape == (8, 16, 16, 4) and quality.batched(ae.decode, latents).shape == (8, 16, 16, 3)
+
+
+def test_vae_config_errors():
+  from tfx.autoencoder import vae
+
+  c = _vae_config(1)
+  c.autoencoder.downsample = 4
+  with pytest.raises(autoencoder.AutoencoderError, match="downsample by 1.*autoencoder.downsample=4"):
+    vae.net_config(c)
+  with pytest.raises(autoencoder.AutoencoderError, match="no autoencoder.json"):
+    vae.load("/nonexistent/vae")
+
+
+def test_psnr_and_scorer_rates():
+  from tfx.autoencoder import quality
+  from tfx.data import shapes
+
+  rng = np.random.default_rng(0)
+  specs = [shapes.sample_spec(rng) for _ in range(4)]
+  images = np.stack([shapes.render(s, 32) for s in specs])
+  captions = [shapes.caption(s) for s in specs]
+  exact = quality.evaluate(autoencoder.PixelAutoencoder(), images, captions)
+  assert exact["psnr_db"] > 90 and exact["scorer_ratio"] == 1.0
+  a = rng.integers(20, 236, (2, 8, 8, 3)).astype(np.uint8)
+  b = (a + rng.choice([-8, 8], a.shape)).astype(np.uint8)  # mse exactly 64
+  np.testing.assert_allclose(quality.psnr_db(a, b), 10 * np.log10(255 ** 2 / 64))
+
+
+def test_command_line_misuse_exits_2():
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).parent.parent
+  args = ["--config=experiments/shapes_vae.py", "--batch_size=0", "--output=/tmp/unused"]
+  proc = subprocess.run([sys.executable, "-m", "tfx.autoencoder.cache_latents", *args], cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip() == "tfx.autoencoder.cache_latents: error: --batch_size must be >= 1, got 0"

@@ -1,5 +1,6 @@
 """The autoencoder interface: images in [-1, 1] <-> latent grids, plus the latent scaling."""
 import abc
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,14 @@ class Autoencoder(abc.ABC):
                              f"got shape {tuple(latents_BhwC.shape)}")
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted(graphdef):
+  """Jitted (encode, decode) of one architecture, shared by every instance (compiled once)."""
+  encode = jax.jit(lambda params, x: nnx.merge(graphdef, params).moments(x)[0])
+  decode = jax.jit(lambda params, z: nnx.merge(graphdef, params).decode(z))
+  return encode, decode
+
+
 class NetAutoencoder(Autoencoder):
   """An Autoencoder backed by an nets.AutoencoderKL; encode returns the posterior mean."""
 
@@ -65,8 +74,7 @@ class NetAutoencoder(Autoencoder):
     self.scaling_factor = float(scaling_factor)
     self.shift_factor = float(shift_factor)
     self.graphdef, self.params = nnx.split(net)
-    self._encode = jax.jit(lambda p, x: nnx.merge(self.graphdef, p).moments(x)[0])
-    self._decode = jax.jit(lambda p, z: nnx.merge(self.graphdef, p).decode(z))
+    self._encode, self._decode = _jitted(self.graphdef)
 
   @property
   def net(self) -> nets.AutoencoderKL:

@@ -15,11 +15,20 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def reconstruct(ae: Autoencoder, images_uint8: np.ndarray, batch_size: int = 100) -> np.ndarray:
-  """encode -> decode of uint8 images [N,H,W,3], returned as uint8."""
-  out = [to_uint8(ae.decode(ae.encode(to_unit(images_uint8[i:i + batch_size]))))
-         for i in range(0, len(images_uint8), batch_size)]
+def batched(fn, x_N: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """fn over x in fixed-size batches (the last one padded), so a jitted fn compiles once."""
+  out = []
+  for i in range(0, len(x_N), batch_size):
+    chunk = x_N[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+    out.append(np.asarray(fn(padded))[:len(chunk)])
   return np.concatenate(out)
+
+
+def reconstruct(ae: Autoencoder, images_uint8: np.ndarray) -> np.ndarray:
+  """encode -> decode of uint8 images [N,H,W,3], returned as uint8."""
+  return to_uint8(batched(lambda x: ae.decode(ae.encode(x)), to_unit(images_uint8)))
 
 
 def psnr_db(a_uint8: np.ndarray, b_uint8: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ into an Autoencoder.
 """
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ def save_metadata(workdir, cfg: nets.NetConfig, *, scaling_factor: float, shift_
   path = epath.Path(workdir) / METADATA_FILE
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  tmp.rename(path)
+  os.replace(tmp, path)
   return meta
 
 
