@@ -250,3 +250,23 @@ def test_command_line_misuse_exits_2():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip() == "tfx.autoencoder.cache_latents: error: --batch_size must be >= 1, got 0"
+
+
+def test_diffusers_legacy_attention_names(tmp_path):
+  """Old checkpoints name the mid-block attention query/key/value/proj_attn, as 1x1 convs."""
+  from safetensors.numpy import load_file, save_file
+
+  folder = _copy_fixture(tmp_path)
+  weights = folder / diffusers.WEIGHTS_NAME
+  tensors = load_file(str(weights))
+  legacy = {}
+  for key, value in tensors.items():
+    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+      if f".{new}." in key:
+        key = key.replace(f".{new}.", f".{old}.")
+        value = value[:, :, None, None] if value.ndim == 2 else value
+    legacy[key] = value
+  save_file(legacy, str(weights))
+  io = np.load(FIXTURES / "diffusers_vae_sd_io.npz")
+  ae = diffusers.load(str(folder))
+  assert _rel_err(ae.decode(io["mean"]), io["decoded"]) < 1e-4
