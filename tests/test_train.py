@@ -87,7 +87,7 @@ def test_mesh_2x2x2_matches_one_device_and_follows_the_rules(batches):
   with jax.set_mesh(eight):
     abstract = jax.eval_shape(lambda: nnx.split(
         build_model(config, nnx.Rngs(0)), nnx.Param, ...)[1])
-  expected = state_lib._pure(mesh_lib.state_specs(abstract))
+  expected = nnx.to_pure_dict(mesh_lib.state_specs(abstract))
   actual = jax.tree.map(lambda a: a.sharding.spec, state_8.params)
   assert actual == expected
   assert any(spec != jax.sharding.PartitionSpec() for spec in jax.tree.leaves(actual))

@@ -149,6 +149,10 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
     if is_chief:
       print(f"resumed from the checkpoint at step {start} in {workdir}", file=sys.stderr)
   stop = min(config.stop_after_step or config.total_steps, config.total_steps)
+  if is_chief:
+    print(f"training {state_lib.num_params(factory.abstract) / 1e6:.2f}M params on mesh "
+          f"{dict(mesh.shape)}: steps {start} -> {stop} of {config.total_steps}, workdir {workdir}",
+          file=sys.stderr)
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
   writer.drop_after(start)
