@@ -36,7 +36,7 @@ class TrainState:
 
 
 def _build(config, build_model):
-  """The model's (graphdef, params, rest) with params and rest as pure dicts."""
+  """The model split into (graphdef, Param state, all other state), built without eager sharding."""
   with nnx.use_eager_sharding(False):
     model = build_model(config, nnx.Rngs(config.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
