@@ -86,6 +86,8 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
   code, _, err = run_cli(["--workdir", workdir, "--prompts_file", str(blank), "--out", str(tmp_path / "o")],
                          capsys)
   assert code == 2 and "holds no prompt" in err
+  code, _, err = run_cli(["--workdir", workdir, "--prompt", "a", "--out", str(blank)], capsys)
+  assert code == 2 and "not a folder" in err and blank.read_text() == "\n  \n"
   for argv in (["--workdir", workdir, "--prompt", "  ", "--out", "o"],   # empty prompt
                ["--workdir", workdir, "--out", "o"],                     # no mode
                ["--workdir", workdir, "--prompt", "a"]):                 # no --out

@@ -67,14 +67,18 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def _prepare_out(out: str, names: list[str]) -> None:
-  """Creates `out`; refuses to overwrite any file already there."""
+def _output_names(count: int, manifest: bool) -> list[str]:
+  """The files a text-to-image run writes into --out."""
+  return [f"{i:05d}.png" for i in range(count)] + (["manifest.jsonl"] if manifest else ["grid.png"])
+
+
+def _check_out(out: str, names: list[str]) -> None:
+  """Refuses an --out that is a file or already holds any file this run would write."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise UsageError(f"--out {out} exists and is not a folder")
   taken = [n for n in names if os.path.exists(os.path.join(out, n))]
   if taken:
     raise UsageError(f"--out {out} already holds {taken[0]}; choose an empty or new folder")
-  os.makedirs(out, exist_ok=True)
 
 
 def _save_png(path: str, image_HW3: np.ndarray) -> None:
@@ -88,13 +92,14 @@ def _log(msg: str) -> None:
 
 def _text_to_image(gen, prompts: list[str], args, out: str, manifest: bool) -> None:
   from tfx import generate
-  names = [f"{i:05d}.png" for i in range(len(prompts))]
-  _prepare_out(out, names + (["manifest.jsonl"] if manifest else ["grid.png"]))
+  names = _output_names(len(prompts), manifest)
   start = time.time()
   progress = lambda done, total: _log(f"images {done}/{total}  ({time.time() - start:.1f}s)")
   images = gen.text_to_image(prompts, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale,
                              sampler=args.sampler, batch_size=args.batch_size, progress=progress)
-  for name, image in zip(names, images):
+  os.makedirs(out, exist_ok=True)
+  _check_out(out, names)  # again: another process may have written there meanwhile
+  for name, image in zip(names, images):  # the last name (manifest or grid) is written below
     _save_png(os.path.join(out, name), image)
   if manifest:
     with open(os.path.join(out, "manifest.jsonl"), "w", encoding="utf-8") as f:
@@ -124,22 +129,27 @@ def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   try:
-    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
-    images = read_images(args.image) if args.image else None
-    from tfx import checkpoint, generate
+    # every check that needs no model runs before the (slow) checkpoint restore
+    if args.image:
+      images = read_images(args.image)
+    else:
+      prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
+      _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
+    from tfx import autoencoder, checkpoint, generate
     try:
       config, model = checkpoint.restore_model(args.workdir, args.step, ema=not args.no_ema)
     except checkpoint.NoCheckpointError as e:
       raise UsageError(str(e)) from None
     if args.steps is not None and args.steps > config.diffusion.num_timesteps:
       raise UsageError(f"--steps {args.steps} exceeds the {config.diffusion.num_timesteps} training timesteps")
-    gen = generate.Generator(config, model)
+    try:
+      gen = generate.Generator(config, model)
+    except (autoencoder.AutoencoderError, FileNotFoundError) as e:
+      raise UsageError(f"cannot set up generation for {args.workdir}: {e}") from None
     if args.image:
       _caption(gen, args.image, images, args)
-    elif args.prompts_file:
-      _text_to_image(gen, prompts, args, args.out, manifest=True)
     else:
-      _text_to_image(gen, [args.prompt] * args.num, args, args.out, manifest=False)
+      _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
   except UsageError as e:
     print(f"tfx.sample: error: {e}", file=sys.stderr)
     return USAGE_ERROR
