@@ -1,5 +1,7 @@
 """Random packed batches (tfx/record.py format) for the core tests: segments of text with 0-3 images."""
+import jax
 import numpy as np
+from flax import nnx
 
 from tfx import record
 
@@ -66,3 +68,9 @@ def reference_mask(segment_L: np.ndarray, image_ids_L: np.ndarray) -> np.ndarray
       mask[i, j] = segment_L[i] != 0 and segment_L[i] == segment_L[j] and j <= horizon[i]
   return mask
 
+
+
+def fast_rngs(seed: int = 0) -> nnx.Rngs:
+  """Init keys on the "rbg" PRNG: its normal sampler compiles ~2.5x faster on CPU than threefry's,
+  and eager init compiles one sampler per parameter shape."""
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))

@@ -10,7 +10,7 @@ import tfx.model
 from tfx import patching
 from tfx.model import attention
 
-from core_batches import random_batch, reference_mask
+from core_batches import fast_rngs, random_batch, reference_mask
 
 N, P, L = 4, 12, 64
 
@@ -44,7 +44,7 @@ def _config(**model):
 def cached_pair():
   """A tiny model (scanned layers, QK-norm, tied head: the variants test_model leaves out), jitted calls."""
   config = _config(scan_layers=True, qk_norm=True, tie_embeddings=True)  # paths the other tests skip
-  model = tfx.model.build_model(config, nnx.Rngs(1))
+  model = tfx.model.build_model(config, fast_rngs(1))
   graphdef, params = nnx.split(model)
 
   @jax.jit

@@ -10,7 +10,7 @@ import tfx.model
 from tfx import patching
 from tfx.model import flops, modality, presets
 
-from core_batches import random_batch
+from core_batches import fast_rngs, random_batch
 
 L = 64
 
@@ -29,7 +29,7 @@ _MODELS, _FORWARD = {}, {}
 def _model(encoder):
   """A tiny model, built once per encoder for the module (eager init compiles per shape)."""
   if encoder not in _MODELS:
-    _MODELS[encoder] = tfx.model.build_model(_config(encoder=encoder), nnx.Rngs(0))
+    _MODELS[encoder] = tfx.model.build_model(_config(encoder=encoder), fast_rngs(0))
   return _MODELS[encoder]
 
 
@@ -103,10 +103,11 @@ def test_causality_and_isolation(encoder):
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_unet_works_for_patch_sizes(k):
-  """An 8x8x3 grid as k x k patches: per-image outputs come back in place, images stay separate."""
+  """An 8x8x3 grid as k x k patches: per-image outputs come back in place, images stay separate.
+  (Widths as in the tiny preset, so the eager init reuses the U-Net model's compiled shapes.)"""
   n, p_dim = (8 // k) ** 2, k * k * 3
-  layers = modality.UNetPatches(patch_size=k, channels=3, grid_side=8 // k, d_model=32, widths=(8, 16),
-                                blocks_per_level=1, t_embed_dim=16, max_images=2, rngs=nnx.Rngs(0))
+  layers = modality.UNetPatches(patch_size=k, channels=3, grid_side=8 // k, d_model=64, widths=(16, 32),
+                                blocks_per_level=1, t_embed_dim=32, max_images=2, rngs=fast_rngs(0))
   graphdef, state = nnx.split(layers)
 
   @jax.jit
@@ -123,7 +124,7 @@ def test_unet_works_for_patch_sizes(k):
   patches = rng.normal(size=(1, length, p_dim)).astype(np.float32)
   t = np.full((1, length), 300.0, np.float32)
   x, out = run(state, patches, t, mod_L[None])
-  assert x.shape == (1, length, 32) and out.shape == (1, length, p_dim)
+  assert x.shape == (1, length, 64) and out.shape == (1, length, p_dim)
   patches2 = patches.copy()
   patches2[0, 1] += 1.0  # first image's first patch
   x2, out2 = run(state, patches2, t, mod_L[None])

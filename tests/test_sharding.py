@@ -10,7 +10,7 @@ import tfx.config
 import tfx.model
 from tfx import losses, mesh
 
-from core_batches import random_batch
+from core_batches import fast_rngs, random_batch
 
 
 def test_sharded_forward_backward_matches_one_device():
@@ -25,7 +25,7 @@ def test_sharded_forward_backward_matches_one_device():
   shardings = mesh.state_shardings(abstract_params, device_mesh)
 
   def init():
-    return nnx.split(tfx.model.build_model(config, nnx.Rngs(0)))[1]
+    return nnx.split(tfx.model.build_model(config, fast_rngs(0)))[1]
 
   def loss_and_grad(params, batch):
     def loss(params):
