@@ -12,12 +12,12 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tfx import checkpoint
@@ -109,10 +109,9 @@ def latent_statistics(ae: NetAutoencoder, images_uint8: np.ndarray) -> tuple[flo
   return float(latents.mean()), float(1.0 / max(latents.std(), 1e-6))
 
 
-def _local_params(params) -> dict:
-  """Params gathered onto one local device (for the single-device encode/decode wrapper)."""
-  device = jax.local_devices()[0]
-  return jax.tree.map(lambda a: jax.device_put(jnp.asarray(a), device), params)
+def _host_params(params) -> dict:
+  """The full params as numpy on every host (for the single-device encode/decode wrapper)."""
+  return multihost_utils.process_allgather(params, tiled=True)
 
 
 def run(config, workdir, *, log=print) -> dict:
@@ -162,7 +161,7 @@ def run(config, workdir, *, log=print) -> dict:
     ckpt.close()
     writer.close()
   train_seconds = time.time() - t0
-  ae = NetAutoencoder(nnx.merge(graphdef, _local_params(params)), 1.0, 0.0)
+  ae = NetAutoencoder(nnx.merge(graphdef, _host_params(params)), 1.0, 0.0)
   calib, _ = read_images(train, range(min(CALIBRATION_IMAGES, len(train))), config.image.resolution)
   shift, scale = latent_statistics(ae, calib)
   test_images, captions = read_images(test, range(min(c.eval_images, len(test))), config.image.resolution)
