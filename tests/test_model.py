@@ -192,3 +192,21 @@ def test_flops_report():
   bad.model.preset = "9B"
   with pytest.raises(ValueError, match="unknown model.preset"):
     presets.resolve(bad)
+
+
+def test_bfloat16_compute_keeps_fp32_params_and_outputs():
+  """model.dtype="bfloat16": same fp32 params, bf16 matmuls, fp32 logits close to the fp32 model's."""
+  graphdef_bf16, _ = nnx.split(nnx.eval_shape(lambda: tfx.model.build_model(_config(dtype="bfloat16"),
+                                                                              nnx.Rngs(0))))
+  params = nnx.state(_model("linear"))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  batch = _batch()
+  t = np.where(batch["modality"] == 1, 300.0, 0.0).astype(np.float32)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  logits_bf16, out_bf16 = jax.jit(lambda p, b, t: nnx.merge(graphdef_bf16, p)(b, t)[:2])(params, jb, t)
+  logits, out = _run("linear", batch, t)
+  assert logits_bf16.dtype == jnp.float32 and out_bf16.dtype == jnp.float32
+  live = batch["segment_ids"] > 0
+  scale = np.abs(logits[live]).mean()
+  assert np.abs(np.asarray(logits_bf16)[live] - logits[live]).mean() < 0.05 * scale
+  assert np.abs(np.asarray(logits_bf16) - logits).max() > 0  # bf16 really was used
