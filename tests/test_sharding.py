@@ -1,8 +1,8 @@
 """A tiny model's forward+backward on a (2,2,2) mesh of 8 simulated devices equals one device."""
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -55,3 +55,19 @@ def test_sharded_forward_backward_matches_one_device():
   np.testing.assert_allclose(float(loss_sharded), float(loss_single), atol=1e-5, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads_sharded), jax.tree.leaves(grads_single)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_every_param_divides_over_the_mesh(encoder, preset):
+  """The rules never split a dimension unevenly on a (2,2,2) mesh (checked on abstract shapes)."""
+  config = tfx.config.default()
+  config.model.preset, config.model.encoder = preset, encoder
+  abstract = nnx.eval_shape(lambda: tfx.model.build_model(config, nnx.Rngs(0)))
+  sizes = dict(data=2, fsdp=2, tensor=2)
+  state = nnx.state(abstract, nnx.Param)
+  specs = jax.tree.leaves(mesh.state_specs(state), is_leaf=lambda x: isinstance(x, P))
+  for spec, leaf in zip(specs, jax.tree.leaves(state)):
+    for dim, axes in zip(leaf.shape, tuple(spec)):
+      parts = int(np.prod([sizes[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+      assert dim % parts == 0, (leaf.shape, spec)

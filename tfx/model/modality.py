@@ -65,11 +65,11 @@ class Conv(nnx.Module):
   """2-D convolution, NHWC, 'SAME' padding."""
 
   def __init__(self, c_in: int, c_out: int, size: int, *, stride: int = 1, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+               dtype=jnp.float32, out_name: str = "conv_out"):
     init = nnx.initializers.normal((size * size * c_in) ** -0.5)
     self.kernel = layers.param(rngs, init, (size, size, c_in, c_out),
-                               ("conv_kernel", "conv_kernel", "conv_in", "conv_out"))
-    self.bias = layers.param(rngs, nnx.initializers.zeros, (c_out,), ("conv_out",))
+                               ("conv_kernel", "conv_kernel", "conv_in", out_name))
+    self.bias = layers.param(rngs, nnx.initializers.zeros, (c_out,), (out_name,))
     self.stride = stride
     self.dtype = dtype
 
@@ -160,7 +160,8 @@ class UNetPatches(nnx.Module):
                                                   rngs=rngs, dtype=dtype)
                                          for b in range(blocks_per_level)]) for l in range(n_down)])
     self.norm_out = layers.LayerNorm(width(0), rngs=rngs)
-    self.conv_out = Conv(width(0), channels, 3, rngs=rngs, dtype=dtype)
+    # latent channels (3, 4, 8...) do not split over "tensor": named like the patch vector
+    self.conv_out = Conv(width(0), channels, 3, rngs=rngs, dtype=dtype, out_name="patch")
 
   def encode(self, patches_BLP, t_BL, modality_BL):
     B, L, P = patches_BLP.shape
