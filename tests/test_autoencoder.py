@@ -270,3 +270,17 @@ def test_diffusers_legacy_attention_names(tmp_path):
   io = np.load(FIXTURES / "diffusers_vae_sd_io.npz")
   ae = diffusers.load(str(folder))
   assert _rel_err(ae.decode(io["mean"]), io["decoded"]) < 1e-4
+
+
+def test_diffusers_bfloat16_weights(tmp_path):
+  import ml_dtypes
+  from safetensors.numpy import load_file
+  from safetensors.flax import save_file
+  import jax.numpy as jnp
+
+  folder = _copy_fixture(tmp_path, "flux")
+  weights = folder / diffusers.WEIGHTS_NAME
+  save_file({k: jnp.asarray(v.astype(ml_dtypes.bfloat16)) for k, v in load_file(str(weights)).items()},
+            str(weights))
+  io = np.load(FIXTURES / "diffusers_vae_flux_io.npz")
+  assert _rel_err(diffusers.load(str(folder)).encode(io["images"]), io["mean"]) < 3e-2  # bf16 rounding

@@ -1,7 +1,8 @@
 """Loads a pretrained diffusers AutoencoderKL (SD 1.x/2.x/XL, FLUX-style) from a local folder.
 
-Reads `config.json` + `diffusion_pytorch_model.safetensors` with the safetensors
-package (numpy): no PyTorch, no unpickling, no download.
+Reads `config.json` + `diffusion_pytorch_model.safetensors` (float32, float16 or
+bfloat16) with the safetensors package: no PyTorch, no unpickling, no download.
+Weights are used in float32.
 """
 import json
 import pathlib
@@ -9,7 +10,7 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors.flax import load_file  # the numpy loader cannot read bfloat16 (FLUX) tensors
 
 from tfx.autoencoder import nets
 from tfx.autoencoder.base import AutoencoderError, NetAutoencoder
@@ -139,7 +140,8 @@ def load(path: str) -> NetAutoencoder:
   cfg = net_config(raw)
   abstract = nnx.eval_shape(lambda: nets.AutoencoderKL(cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  params = load_params(state, load_file(str(weights_path)), str(weights_path))
+  tensors = {k: np.asarray(v, np.float32) for k, v in load_file(str(weights_path)).items()}
+  params = load_params(state, tensors, str(weights_path))
   net = nnx.merge(graphdef, params)
   return NetAutoencoder(net, scaling_factor=raw.get("scaling_factor") or 1.0,
                         shift_factor=raw.get("shift_factor") or 0.0)
