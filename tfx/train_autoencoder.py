@@ -175,8 +175,8 @@ def run(config, workdir, *, log=print) -> dict:
             f"{results['scorer_rate_original']:.3f}, ratio {results['scorer_ratio']:.3f})"
             if "scorer_ratio" in results else "")
   log(f"test ({results['images']} images): PSNR {results['psnr_db']:.2f} dB{scored}; "
-      f"set autoencoder.kind='vae' autoencoder.path='{workdir}' autoencoder.scaling_factor={scale:g} "
-      f"autoencoder.shift_factor={shift:g}")
+      f"set autoencoder.kind='vae' autoencoder.path='{workdir}' autoencoder.scaling_factor={scale!r} "
+      f"autoencoder.shift_factor={shift!r}")
   return results
 
 

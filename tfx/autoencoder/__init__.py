@@ -20,9 +20,9 @@ def _check_fits(config, ae: Autoencoder) -> None:
   wanted = {"latent_channels": ae.latent_channels, "downsample": ae.downsample}
   if c.kind != "pixels":
     wanted |= {"scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor}
-  wrong = {k: v for k, v in wanted.items() if not math.isclose(c[k], v, rel_tol=1e-6, abs_tol=1e-9)}
+  wrong = {k: v for k, v in wanted.items() if not math.isclose(c[k], v, rel_tol=1e-4, abs_tol=1e-7)}
   if wrong:
-    fix = " ".join(f"autoencoder.{k}={v:g}" for k, v in wrong.items())
+    fix = " ".join(f"autoencoder.{k}={v!r}" for k, v in wrong.items())
     raise AutoencoderError(f"autoencoder {c.kind!r} at {c.path or '(none)'} does not match the config; set {fix}")
 
 
