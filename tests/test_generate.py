@@ -185,7 +185,7 @@ def image_loving_gen(gen, tok):
   model.embed.table[...] = model.embed.table[...].at[:, 0].set(100.0)
   model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...]).at[0, tok.boi_id].set(1.0)
   rigged = copy.copy(gen)
-  rigged.params = nnx.state(model)
+  rigged.load_params(model)
   return rigged
 
 

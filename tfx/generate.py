@@ -302,6 +302,13 @@ class Generator:
     self._commit = jax.jit(functools.partial(_commit_image, g, eoi_id=tok.eoi_id, pad_id=pad))
     self._log_probs = jax.jit(functools.partial(_log_probs, g))
 
+  def load_params(self, model) -> None:
+    """Samples with `model`'s weights from now on (same architecture: compiled programs are reused)."""
+    graphdef, params = nnx.split(model)
+    if graphdef != self.graphdef:
+      raise ValueError("load_params needs a model of the same architecture as the Generator's")
+    self.params = params
+
   @staticmethod
   def _ids_mask(base: np.ndarray, *ids: int) -> jax.Array:
     mask = base.copy()
