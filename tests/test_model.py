@@ -7,7 +7,6 @@ from flax import nnx
 
 import tfx.config
 import tfx.model
-from tfx import patching
 from tfx.model import flops, modality, presets
 
 from core_batches import fast_rngs, random_batch
