@@ -191,6 +191,11 @@ def test_flops_report():
   bad.model.preset = "9B"
   with pytest.raises(ValueError, match="unknown model.preset"):
     presets.resolve(bad)
+  for key, value, message in [("n_heads", 3, "not divisible"), ("head_dim", 15, "even head_dim"),
+                              ("encoder", "vit", "model.encoder"), ("dtype", "fp8", "model.dtype"),
+                              ("remat", "some", "model.remat")]:
+    with pytest.raises(ValueError, match=message):  # preset "" so the sizes set here are used
+      nnx.eval_shape(lambda: tfx.model.build_model(_config(preset="", **{key: value}), nnx.Rngs(0)))
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_outputs():

@@ -12,7 +12,12 @@ _ACT = ("act_batch", "act_len", "act_embed")
 def dims(config) -> dict:
   """Resolved head_dim and mlp_dim (0 in the config means 'derive')."""
   m = config.model
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ValueError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+                     "set model.head_dim")
   head_dim = m.head_dim or m.d_model // m.n_heads
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
   mlp_dim = m.mlp_dim or 64 * -(-(8 * m.d_model // 3) // 64)
   return dict(head_dim=head_dim, mlp_dim=mlp_dim)
 
