@@ -109,9 +109,13 @@ def test_dry_run_memory_comes_from_the_compiled_step(small_report):
   assert mem["temp_gib"] > 0 and mem["fits"] == {"H100 (80 GB)": True, "v5p (95 GB)": True}
 
 
-def test_too_few_devices_is_a_clear_error():
+def test_too_few_devices_or_an_unsplittable_batch_is_a_clear_error():
   with pytest.raises(dryrun.DryRunError, match="xla_force_host_platform_device_count=4096"):
     dryrun.report(EXPERIMENT.get_config("size=0.16B"), num_devices=4096)
+  config = EXPERIMENT.get_config("size=0.16B")
+  config.global_batch_size = 6
+  with pytest.raises(dryrun.DryRunError, match="global_batch_size 6 is not divisible by the 4-way"):
+    dryrun.report(config, num_devices=4)
 
 
 def test_cli_misuse_exits_2():

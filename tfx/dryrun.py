@@ -56,6 +56,13 @@ def abstract_batch(config, mesh) -> dict:
           for k, shape in record.field_shapes(config.seq_len, p_dim).items()}
 
 
+def _data_parallel_size(mesh) -> int:
+  """How many ways the batch is split: the mesh axes the rules give `act_batch`."""
+  axes = mesh_lib.logical_to_spec(("act_batch",))[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def _memory(compiled) -> dict:
   """Per-device bytes of the compiled step, and whether it fits each chip."""
   stats = compiled.memory_analysis()
@@ -85,6 +92,10 @@ def report(config, num_devices: int | None = None) -> dict:
   config = presets.resolve(config)
   devices = _devices(num_devices)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
+  dp = _data_parallel_size(mesh)
+  if config.global_batch_size % dp:
+    raise DryRunError(f"global_batch_size {config.global_batch_size} is not divisible by the "
+                      f"{dp}-way data-parallel mesh {dict(mesh.shape)}")
   tx = optim.make_optimizer(config)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -98,7 +109,6 @@ def report(config, num_devices: int | None = None) -> dict:
     compiled = lowered.compile()
   compiled_at = time.perf_counter()
   n_params = state_lib.num_params(state)
-  dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
   return {
       "preset": config.model.preset,
       "params": n_params,
