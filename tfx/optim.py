@@ -18,12 +18,14 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 # Path components that name a token-embedding table (never weight-decayed).
 EMBEDDING_NAMES = {"embed", "embedding", "embeddings", "tok_embeddings", "wte"}
+# Norm scales and biases by leaf name: with model.scan_layers they are stacked to [layers, d].
+NORM_AND_BIAS_NAMES = {"scale", "bias"}
 
 
 def _is_decayed(path, leaf) -> bool:
   """Weight decay on matrices and kernels only: not on norms, biases or embedding tables."""
   names = {str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path}
-  return jnp.ndim(leaf) >= 2 and not names & EMBEDDING_NAMES
+  return jnp.ndim(leaf) >= 2 and not names & (EMBEDDING_NAMES | NORM_AND_BIAS_NAMES)
 
 
 def weight_decay_mask(params):
