@@ -54,12 +54,16 @@ def test_hybrid_grid_fills_minus_one_per_slice_and_checks_sizes():
     mesh.dcn_shape(_mesh_config(dcn_tensor=0))
 
 
-def test_single_slice_mesh_is_unchanged_and_processes_are_slices_on_cpu():
+def test_single_slice_mesh_is_unchanged_and_one_process_simulates_slices():
   single = mesh.make_mesh(_mesh_config(fsdp=2))
   assert dict(single.shape) == {"data": len(jax.devices()) // 2, "fsdp": 2, "tensor": 1}
-  # CPU devices carry no slice_index, so processes are the slices: one process cannot be two
-  with pytest.raises(mesh.MeshError, match="cannot lay out"):
-    mesh.make_mesh(_mesh_config(dcn_data=2))
+  # one process (a dry run): contiguous device groups stand in for the slices
+  devices = jax.devices()[:8]
+  hybrid = mesh.make_mesh(_mesh_config(fsdp=2, dcn_data=2), devices)
+  assert dict(hybrid.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert {d.id for d in hybrid.devices[:2].ravel()} == {d.id for d in devices[:4]}
+  with pytest.raises(mesh.MeshError, match="4 devices are not divisible"):
+    mesh.make_mesh(_mesh_config(fsdp=8, dcn_data=2), devices)  # 4 devices per slice, not 8
 
 
 def test_global_batch_does_not_depend_on_the_number_of_hosts():

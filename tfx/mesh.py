@@ -73,17 +73,25 @@ def hybrid_device_grid(mesh_config, devices: Sequence) -> np.ndarray:
   """Devices as a [data, fsdp, tensor] array whose axes are dcn x ici: slices outermost.
 
   Slices are the devices' `slice_index` when they span several (multi-slice TPU),
-  else their processes (GPU nodes, CPU processes). data/fsdp/tensor in the config
-  are the per-slice sizes.
+  else their processes (GPU nodes, CPU processes), else (one process: a dry run on
+  simulated devices) equal contiguous groups. data/fsdp/tensor in the config are
+  the per-slice sizes.
   """
   dcn = dcn_shape(mesh_config)
   slices = math.prod(dcn)
   if len(devices) % slices:
     raise MeshError(f"mesh: {len(devices)} devices do not split into dcn {dcn} = {slices} equal slices")
-  ici = mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(devices) // slices)
+  per_slice = len(devices) // slices
+  ici = mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, per_slice)
+  one_slice = len({getattr(d, "slice_index", 0) for d in devices}) == 1
   try:
-    return mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=len({getattr(d, "slice_index", 0) for d in devices}) == 1)
+    if one_slice and len({d.process_index for d in devices}) == 1:
+      blocks = np.empty(dcn, dtype=object)
+      for i in range(slices):
+        group = devices[i * per_slice:(i + 1) * per_slice]
+        blocks[np.unravel_index(i, dcn)] = mesh_utils.create_device_mesh(ici, group)
+      return np.block(blocks.tolist())
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=one_slice)
   except ValueError as e:
     raise MeshError(f"mesh: cannot lay out ici {ici} x dcn {dcn}: {e}") from None
 
