@@ -187,6 +187,10 @@ def test_flops_report():
   # linear encoder: in/out projections and the timestep MLP, about 2 FLOPs per weight, x3 for training
   linear_weights = 12 * 64 * 2 + 32 * 64 + 64 * 64
   assert 0.9 < r["modality_flops_per_image_token"] / (6 * linear_weights) < 1.3
+  # U-Net: its first 3x3 conv alone (3 -> 16 channels on the 8x8 grid, n=16) costs 2*9*3*16*64/16 per token
+  unet = flops.report(_config(encoder="unet"))
+  assert unet["modality_flops_per_image_token"] > 3 * 2 * 9 * 3 * 16 * 64 / 16
+  assert unet["params_modality"] > r["params_modality"] and unet["flops_per_token"] == r["flops_per_token"]
   bad = tfx.config.default()
   bad.model.preset = "9B"
   with pytest.raises(ValueError, match="unknown model.preset"):
