@@ -141,13 +141,13 @@ def _quick_generator(config, model):
   """A Generator for `model`, reusing the compiled one when only the params changed."""
   from flax import nnx
   from tfx import generate
-  graphdef, params = nnx.split(model)
+  graphdef = nnx.graphdef(model)
   gen = _quick_cache.get("generator")
   if gen is None or gen.graphdef != graphdef or gen.config.to_json() != config.to_json():
     gen = generate.Generator(config, model)
     _quick_cache["generator"] = gen
   else:
-    gen.params, gen._model = params, model  # its jitted functions take params as an argument
+    gen.load_params(model)
   return gen
 
 
