@@ -242,6 +242,14 @@ def _commit_image(graphdef, params, cache, x0_BnP, start_B, image_id, eoi_id: in
   return logits_BLV[:, -1], cache
 
 
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _initial_noise(keys_B, shape: tuple[int, int]):
+  """(x_T [B, *shape] standard normal, per-row keys for the sampler's later noise)."""
+  init_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(keys_B)
+  return jax.vmap(lambda k: jax.random.normal(k, shape))(init_keys), step_keys
+
+
+@jax.jit
 def _stack_caches(a, b):
   """Rows of `a` then rows of `b` (same length and capacity)."""
   return dataclasses.replace(a, k_NBSGK=jnp.concatenate([a.k_NBSGK, b.k_NBSGK], axis=1),
@@ -386,8 +394,7 @@ class Generator:
       ucache, ulengths = self._unconditional_cache(B, cache.max_len, length)
       cache = _stack_caches(cache, ucache)
       start_B = np.concatenate([start_B, ulengths])
-    init_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(keys_B)
-    x_T_BnP = jax.vmap(lambda k: jax.random.normal(k, (self.num_patches, self.patch_dim)))(init_keys)
+    x_T_BnP, step_keys = _initial_noise(keys_B, (self.num_patches, self.patch_dim))
     return self._denoise(self.params, self.schedule, cache, x_T_BnP, jnp.asarray(start_B, jnp.int32),
                          jnp.int32(image_id), step_keys, jnp.float32(cfg_scale), steps=steps, sampler=sampler,
                          prediction=self.prediction, guided=guided, pad_id=self.tokenizer.pad_id)
