@@ -174,23 +174,34 @@ def test_log_likelihood_matches_forward_and_ignores_padding(gen, tok):
   np.testing.assert_allclose(lp[1], sum(float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)), atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def image_loving_gen(gen, tok):
-  """The same engine (and compiled programs) with params rigged so greedy decoding always wants BOI:
-  blocks output zero, every embedding has a large first coordinate, only BOI's LM-head column reads it."""
+def rigged(gen, token_id: int):
+  """The same engine (and compiled programs) with params rigged so greedy decoding always wants
+  `token_id`: blocks output zero, every embedding has a large first coordinate, and only that
+  token's LM-head column reads it."""
   model = nnx.merge(gen.graphdef, gen.params)
   for block in model.blocks:
     block.attn.o.kernel[...] = jnp.zeros_like(block.attn.o.kernel[...])
     block.mlp.down.kernel[...] = jnp.zeros_like(block.mlp.down.kernel[...])
   model.embed.table[...] = model.embed.table[...].at[:, 0].set(100.0)
-  model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...]).at[0, tok.boi_id].set(1.0)
-  rigged = copy.copy(gen)
-  rigged.load_params(model)
-  return rigged
+  model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...]).at[0, token_id].set(1.0)
+  out = copy.copy(gen)
+  out.load_params(model)
+  return out
 
 
-def test_generate_interleaved_several_images(image_loving_gen, gen, tok):
-  out = image_loving_gen.generate(["a red circle"], max_tokens=4, max_images=2, steps=3)
+def test_decoding_stops_at_eos(gen, tok):
+  eos_loving = rigged(gen, tok.eos_id)
+  pieces = [gen.text_piece(p, bos=True) for p in PROMPTS]
+  logits_BV, cache, lengths_B, _ = eos_loving._prefill_prompts(pieces, 8)
+  tokens_BT, steps, _, _ = eos_loving._decode_text(cache, logits_BV, lengths_B, jax.random.PRNGKey(0), limit=8,
+                                                   max_new=8, banned=gen._text_only, stop=gen._eos,
+                                                   temperature=0.0, top_k=0, top_p=1.0)
+  assert steps == 1 and (tokens_BT[:, 0] == tok.eos_id).all() and (tokens_BT[:, 1:] == tok.pad_id).all()
+  assert eos_loving.complete(PROMPTS, max_tokens=8) == ["", ""]
+
+
+def test_generate_interleaved_several_images(gen, tok):
+  out = rigged(gen, tok.boi_id).generate(["a red circle"], max_tokens=4, max_images=2, steps=3)
   assert [type(o).__name__ for o in out] == ["ndarray", "ndarray", "str"]
   assert out[0].shape == (16, 16, 3) and out[0].dtype == np.uint8
   # an image in the prompt, then a forced image: the output starts with that image
