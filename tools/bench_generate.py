@@ -104,6 +104,7 @@ def main() -> None:
   p.add_argument("--speedup_steps", type=int, default=50)
   p.add_argument("--lengths", default="16,128,1024", help="prompt lengths for the cache speed-up")
   p.add_argument("--skip_per_image", action="store_true")
+  p.add_argument("--skip_speedup", action="store_true")
   args = p.parse_args()
   config = load_config(args.config, args.config_arg)
   model = model_lib.build_model(config, nnx.Rngs(0))
@@ -112,7 +113,8 @@ def main() -> None:
   gen = generate.Generator(config, model)
   if not args.skip_per_image:
     per_image(gen, args.batch, args.repeats)
-  cache_speedup(gen, args.speedup_steps, args.repeats, [int(x) for x in args.lengths.split(",")])
+  if not args.skip_speedup:
+    cache_speedup(gen, args.speedup_steps, args.repeats, [int(x) for x in args.lengths.split(",")])
 
 
 if __name__ == "__main__":
