@@ -128,6 +128,8 @@ def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notices about read-only restores are noise here
   try:
     # every check that needs no model runs before the (slow) checkpoint restore
     if args.image:
