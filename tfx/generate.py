@@ -442,7 +442,8 @@ class Generator:
                     cfg_scale=None, sampler=None, batch_size: int = 16, progress=None) -> np.ndarray:
     """uint8 [N, H, W, 3], one image per caption; sample i's noise comes from (seed, first_index + i).
 
-    `progress(done, total)` is called after each batch."""
+    steps / cfg_scale / sampler default to config.diffusion; cfg_scale 1 runs no unconditional
+    branch. `progress(done, total)` is called after each batch."""
     steps, cfg_scale, sampler = self._sampling_args(steps, cfg_scale, sampler)
 
     def run(chunk, first):
