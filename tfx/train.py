@@ -69,8 +69,11 @@ def main(argv) -> None:
   except OSError as e:
     usage_error(" ".join(str(e).split()))
   if _DRY_RUN.value:
-    from tfx import dryrun
-    print(json.dumps(dryrun.report(config), indent=2))
+    from tfx import dryrun, mesh
+    try:
+      print(json.dumps(dryrun.report(config), indent=2))
+    except (dryrun.DryRunError, mesh.MeshError) as e:
+      usage_error(str(e))
     return
   if not _WORKDIR.value:
     usage_error("--workdir is required")
