@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tests import data_testing
+import data_testing
 from tfx import evaluate, trainer
 from tfx.data import shapes
 from tfx.eval import shapesnet
