@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
   c.seq_len = 160                     # two caption + 64-patch image pairs (~77 positions each) fit
   c.checkpoint_every_steps = 500
   c.log_every_steps = 25
+  c.sample_every_steps = 400          # WORKDIR/samples/ grids of config.sample_prompts (~15 s each)
 
   m = c.model
   m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = 128, 4, 4, 4

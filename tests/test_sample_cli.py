@@ -1,6 +1,7 @@
 """`python -m tfx.sample` end to end against a tiny checkpoint trained here."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -22,9 +23,19 @@ def workdir(tmp_path_factory):
   m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.t_embed_dim = 32, 1, 2, 2, 32
   c.optim.warmup_steps, c.optim.ema_decay = 1, 0.9   # EMA params are what sampling loads
   c.diffusion.sample_steps = 2                       # the CLI's default step count
+  c.sample_every_steps = 2                           # the trainer draws a sample grid at the end
+  c.sample_prompts = ("a red circle", "two blue squares")
   wd = str(tmp_path_factory.mktemp("sample_cli") / "run")
   trainer.run(c, wd)
   return wd
+
+
+def test_training_writes_sample_grids(workdir):
+  grids = sorted(pathlib.Path(workdir, "samples").glob("text_to_image_*.png"))
+  assert [g.name for g in grids] == ["text_to_image_00000002.png"]
+  with Image.open(grids[0]) as im:
+    res = json.loads(pathlib.Path(workdir, "config.json").read_text())["image"]["resolution"]
+    assert im.size == (4 * res + 10, 2 * res + 6)  # 4 samples per prompt, 2 prompts, 2 px gutters
 
 
 def run_cli(args, capsys):

@@ -14,6 +14,9 @@ def default() -> ml_collections.ConfigDict:
   c.log_every_steps = 10             # write metrics.jsonl / TensorBoard this often
   c.eval_every_steps = 0             # 0 = no evaluation during training
   c.sample_every_steps = 0           # 0 = no sample grids during training
+  c.sample_prompts = (               # captions drawn into WORKDIR/samples/ every sample_every_steps
+      "a red circle", "two blue squares", "a green triangle to the left of a yellow square",
+      "three purple circles")
   c.stop_after_step = 0              # end this run early at this step, after a checkpoint (0 = total_steps); the schedule still spans total_steps
 
   # -- model: a Llama-style decoder plus modality layers ---------------------

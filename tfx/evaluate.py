@@ -185,6 +185,14 @@ def quick_eval(config, model, step: int) -> dict[str, float]:
   return {f"eval_{k}": float(v) for k, v in metrics.items()}
 
 
+def sample_grid(config, model, *, samples_per_prompt: int = 4) -> np.ndarray:
+  """uint8 grid: one row per config.sample_prompts, `samples_per_prompt` images each (seed 0)."""
+  from tfx import generate
+  prompts = [p for p in config.sample_prompts for _ in range(samples_per_prompt)]
+  images = _quick_generator(config, model).text_to_image(prompts, seed=0, batch_size=len(prompts))
+  return generate.image_grid(images, cols=samples_per_prompt)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   from tfx import checkpoint

@@ -117,6 +117,17 @@ class MetricsWriter:
       tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
       self._tb.add_scalar(tag, float(value), int(step))
 
+  def write_image(self, step: int, name: str, image_HW3: np.ndarray) -> None:
+    """Saves WORKDIR/samples/<name>_<step>.png and logs it to TensorBoard under samples/<name>."""
+    if not self.enabled:
+      return
+    from PIL import Image
+    out = self.path.parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"{name}_{int(step):08d}.png").open("wb") as f:
+      Image.fromarray(np.asarray(image_HW3, np.uint8)).save(f, format="PNG")
+    self._tb.add_image(f"samples/{name}", np.asarray(image_HW3, np.uint8), int(step), dataformats="HWC")
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -104,12 +104,22 @@ def _flops_per_token(config) -> float | None:
   return float(flops.report(config)["flops_per_token"])
 
 
-def evaluate(config, graphdef, state: state_lib.TrainState, step: int) -> dict:
-  """tfx.evaluate.quick_eval on the EMA params when kept (what sampling uses), else the params."""
+def _sampling_model(graphdef, state: state_lib.TrainState):
+  """The model sampling uses: the EMA params when kept, else the params."""
   from flax import nnx
+  return nnx.merge(graphdef, state.params if state.ema is None else state.ema, state.rest)
+
+
+def evaluate(config, graphdef, state: state_lib.TrainState, step: int) -> dict:
+  """tfx.evaluate.quick_eval on the sampling model."""
   from tfx import evaluate as evaluate_lib
-  params = state.params if state.ema is None else state.ema
-  return evaluate_lib.quick_eval(config, nnx.merge(graphdef, params, state.rest), step)
+  return evaluate_lib.quick_eval(config, _sampling_model(graphdef, state), step)
+
+
+def sample_grid(config, graphdef, state: state_lib.TrainState) -> np.ndarray:
+  """One row of images per config.sample_prompts, drawn by the sampling model."""
+  from tfx import evaluate as evaluate_lib
+  return evaluate_lib.sample_grid(config, _sampling_model(graphdef, state))
 
 
 def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callable | None = None,
@@ -200,6 +210,8 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
           checkpointer.save(done, state.checkpoint_items(), iterator)
         if config.eval_every_steps and (done % config.eval_every_steps == 0 or done == stop):
           writer.write(done, evaluate(config, factory.graphdef, state, done))
+        if config.sample_every_steps and (done % config.sample_every_steps == 0 or done == stop):
+          writer.write_image(done, "text_to_image", sample_grid(config, factory.graphdef, state))
         if stopping:
           if is_chief:
             print(f"preempted (SIGTERM): saved the checkpoint at step {done}; stopping", file=sys.stderr)
