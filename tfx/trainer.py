@@ -210,7 +210,9 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
           checkpointer.save(done, state.checkpoint_items(), iterator)
         if config.eval_every_steps and (done % config.eval_every_steps == 0 or done == stop):
           writer.write(done, evaluate(config, factory.graphdef, state, done))
-        if config.sample_every_steps and (done % config.sample_every_steps == 0 or done == stop):
+        # The generator gathers images to one host; multi-process sampling is not built yet.
+        if (config.sample_every_steps and jax.process_count() == 1
+            and (done % config.sample_every_steps == 0 or done == stop)):
           writer.write_image(done, "text_to_image", sample_grid(config, factory.graphdef, state))
         if stopping:
           if is_chief:
