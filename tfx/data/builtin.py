@@ -55,19 +55,29 @@ def shapes_dir(config) -> str:
   d = config.data
   name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}_r{REVISION}"
   root = os.path.join(data_dir(config), SHAPES, name)
-  if os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
-    return root
-  with _locked(data_dir(config)):
-    if not os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
-      t0 = time.time()
-      sizes = {"train": d.shapes_train_size, "validation": d.shapes_eval_size,
-               "test": d.shapes_eval_size, "heldout": d.shapes_eval_size}
-      builders.write_dataset(
-          builders.Shapes, data_dir(config),
-          builders.image_text_features(resolution=shapes.SIZE, with_spec=True),
-          {s: _shape_examples(s, n) for s, n in sizes.items() if n > 0}, config_name=name,
-          description="Procedural shapes (tfx.data.shapes); heldout holds colour-shape pairs absent from train.")
-      print(f"tfx.data: built shapes {name} in {time.time() - t0:.1f}s under {root}", flush=True)
+
+  def build():
+    t0 = time.time()
+    sizes = {"train": d.shapes_train_size, "validation": d.shapes_eval_size,
+             "test": d.shapes_eval_size, "heldout": d.shapes_eval_size}
+    builders.write_dataset(
+        builders.Shapes, data_dir(config),
+        builders.image_text_features(resolution=shapes.SIZE, with_spec=True),
+        {s: _shape_examples(s, n) for s, n in sizes.items() if n > 0}, config_name=name,
+        description="Procedural shapes (tfx.data.shapes); heldout holds colour-shape pairs absent from train.")
+    print(f"tfx.data: built shapes {name} in {time.time() - t0:.1f}s under {root}", flush=True)
+
+  return _build_once(config, root, build)
+
+
+def _build_once(config, root: str, build) -> str:
+  """Runs `build` unless the dataset at `root` exists; one process builds, others wait."""
+  def built():
+    return os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json"))
+  if not built():
+    with _locked(data_dir(config)):
+      if not built():
+        build()
   return root
 
 
@@ -83,14 +93,10 @@ def pydoc_dir(config) -> str:
   """The pydoc topics text dataset, built if missing."""
   name = f"r{REVISION}"
   root = os.path.join(data_dir(config), PYDOC, name)
-  if os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
-    return root
-  with _locked(data_dir(config)):
-    if not os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json")):
-      builders.write_dataset(builders.PydocTopics, data_dir(config), builders.text_features(),
-                             {s: _text_examples(s) for s in ("train", "validation")}, config_name=name,
-                             description="English prose of Python's pydoc_data.topics.")
-  return root
+  return _build_once(config, root, lambda: builders.write_dataset(
+      builders.PydocTopics, data_dir(config), builders.text_features(),
+      {s: _text_examples(s) for s in ("train", "validation")}, config_name=name,
+      description="English prose of Python's pydoc_data.topics."))
 
 
 def ensure_tokenizer(config) -> str:
