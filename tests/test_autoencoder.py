@@ -3,10 +3,12 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
 from tfx import config as config_lib
+from tfx import mesh as tfx_mesh
 from tfx import autoencoder
 from tfx.autoencoder import diffusers
 
@@ -212,6 +214,9 @@ def test_train_autoencoder_runs_saves_loads_and_resumes(tmp_path):
   assert quality.evaluate(ae, test_images, captions)["psnr_db"] == pytest.approx(straight["psnr_db"], abs=1e-3)
   latents = quality.batched(ae.encode, quality.to_unit(test_images))
   assert latents.shape == (8, 16, 16, 4) and quality.batched(ae.decode, latents).shape == (8, 16, 16, 3)
+  with jax.set_mesh(tfx_mesh.make_mesh(config.mesh)):  # as sample grids load it during training
+    in_mesh = autoencoder.load(config)
+  np.testing.assert_allclose(quality.batched(in_mesh.encode, quality.to_unit(test_images)), latents, atol=1e-5)
 
 
 def test_vae_config_errors():

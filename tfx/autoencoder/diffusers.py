@@ -138,8 +138,7 @@ def load(path: str) -> NetAutoencoder:
   except json.JSONDecodeError as e:
     raise AutoencoderError(f"{config_path}: not valid JSON ({e})") from None
   cfg = net_config(raw)
-  abstract = nnx.eval_shape(lambda: nets.AutoencoderKL(cfg, nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  graphdef, state = nets.abstract_autoencoder(cfg)
   tensors = {k: np.asarray(v, np.float32) for k, v in load_file(str(weights_path)).items()}
   params = load_params(state, tensors, str(weights_path))
   net = nnx.merge(graphdef, params)

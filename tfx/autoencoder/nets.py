@@ -221,3 +221,18 @@ class AutoencoderKL(nnx.Module):
     if self.post_quant_conv is not None:
       z_BhwC = self.post_quant_conv(z_BhwC)
     return self.decoder(z_BhwC)
+
+
+def abstract_autoencoder(cfg: NetConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, abstract state) of an AutoencoderKL; allocates nothing. Built without eager
+  sharding, so loading works inside a training mesh (whose axes are not the logical names)."""
+  graphdefs = []
+
+  def build_state():
+    with nnx.use_eager_sharding(False):
+      graphdef, state = nnx.split(AutoencoderKL(cfg, nnx.Rngs(0)))
+    graphdefs.append(graphdef)  # static: safe to take out of the trace
+    return state
+
+  state = jax.eval_shape(build_state)
+  return graphdefs[0], state

@@ -76,18 +76,13 @@ def _net_config_from_meta(meta: dict) -> nets.NetConfig:
   return nets.NetConfig(**raw)
 
 
-def abstract_net(cfg: nets.NetConfig):
-  """(graphdef, abstract nnx.State) of the net; allocates nothing."""
-  return nnx.split(nnx.eval_shape(lambda: nets.AutoencoderKL(cfg, nnx.Rngs(0))))
-
-
 def load(workdir, step: int | None = None) -> NetAutoencoder:
   """The trained VAE of a `tfx.train_autoencoder` workdir (latest checkpoint unless `step`)."""
   from tfx import checkpoint  # Orbax lives there
 
   meta = read_metadata(workdir)
   cfg = _net_config_from_meta(meta)
-  graphdef, state = abstract_net(cfg)
+  graphdef, state = nets.abstract_autoencoder(cfg)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
