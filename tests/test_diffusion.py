@@ -24,6 +24,16 @@ def test_schedule_matches_closed_form(schedule):
   assert ab[-1] < 1e-4 and ab[0] > 0.9999
 
 
+def test_schedule_shift_divides_snr():
+  snr = lambda ab: ab / (1 - ab)
+  base = np.asarray(diffusion.cosine_schedule(1000).alphas_cumprod, np.float64)
+  shifted = np.asarray(diffusion.cosine_schedule(1000, shift=4.0).alphas_cumprod, np.float64)
+  t = np.array([0, 100, 500, 900, 990])
+  np.testing.assert_allclose(snr(shifted[t]) * 16, snr(base[t]), rtol=1e-3)
+  with pytest.raises(ValueError, match="schedule_shift"):
+    diffusion.cosine_schedule(1000, shift=0.5)
+
+
 def test_v_target_roundtrip(schedule):
   rng = np.random.default_rng(0)
   x0, eps = (jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) for _ in range(2))
@@ -35,8 +45,11 @@ def test_v_target_roundtrip(schedule):
   x0_hat, eps_hat = diffusion.predict_x0_eps(schedule, x_t, t, v, "v")
   np.testing.assert_allclose(x0_hat, x0, atol=1e-4)
   np.testing.assert_allclose(eps_hat, eps, atol=1e-4)
+  x0_hat, eps_hat = diffusion.predict_x0_eps(schedule, x_t, t, x0, "x0")
+  np.testing.assert_allclose(x0_hat, x0, atol=1e-6)
+  np.testing.assert_allclose(eps_hat[1:], eps[1:], atol=1e-4)   # t=0: divides by sqrt(1 - abar) ~ 6e-3
   with pytest.raises(ValueError, match="prediction"):
-    diffusion.target(schedule, x0, t, eps, "x0")
+    diffusion.target(schedule, x0, t, eps, "x_start")
 
 
 def _oracle(schedule, x0, prediction):
@@ -49,7 +62,8 @@ def _oracle(schedule, x0, prediction):
 
 # eps-prediction in one step from t=999 is ill-conditioned in fp32 (x0 error ~ 1e-7 / sqrt(abar_999)
 # ~ 2e-3), so its one-step case is left to v-prediction.
-@pytest.mark.parametrize("prediction,steps", [("eps", 2), ("eps", 7), ("eps", 50), ("v", 1), ("v", 7)])
+@pytest.mark.parametrize("prediction,steps", [("eps", 2), ("eps", 7), ("eps", 50), ("v", 1), ("v", 7),
+                                             ("x0", 1), ("x0", 7), ("x0", 50)])
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_sampler_with_oracle_recovers_x0(schedule, prediction, steps, sampler):
   key = jax.random.PRNGKey(steps)

@@ -51,11 +51,11 @@ def _reference(batch, t, eps, emb, proj, d):
   ce = logz - np.take_along_axis(logits, batch["lm_targets"][..., None], -1)[..., 0]
   mask = batch["lm_mask"]
   lm = (ce * mask).sum() / max(mask.sum(), 1)
-  target = eps if d.prediction == "eps" else np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0
+  target = dict(eps=eps, x0=x0, v=np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0)[d.prediction]
   err = ((out - target) ** 2).mean(-1)
   if d.loss_weighting == "min_snr":
     snr = (ab / (1 - ab))[..., 0]
-    err = err * np.minimum(snr, d.min_snr_gamma) / (snr if d.prediction == "eps" else snr + 1)
+    err = err * np.minimum(snr, d.min_snr_gamma) / dict(eps=snr, v=snr + 1, x0=1.0)[d.prediction]
   per_image = []
   for b in range(batch["tokens"].shape[0]):
     for i in set(batch["image_ids"][b][image[b]].tolist()):
@@ -89,7 +89,8 @@ def _jax_loss(batch, emb, proj, config, junk=0.0):
                       jnp.float32(junk), jax.random.PRNGKey(7))
 
 
-@pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("v", "min_snr")])
+@pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("v", "min_snr"), ("x0", "none"),
+                                                  ("x0", "min_snr")])
 def test_loss_matches_float64_reference(setup, prediction, weighting):
   batch, emb, proj = setup
   config = _config(prediction, weighting)

@@ -36,18 +36,20 @@ def _coerce_like(value, reference):
 
 
 def config_from_dict(raw: dict) -> ml_collections.ConfigDict:
-  """A ConfigDict from a JSON dict, with tuple-typed defaults restored."""
+  """A ConfigDict from a JSON dict, with tuple-typed defaults restored and keys added
+  since the run was saved filled from tfx.config.default() (whose defaults keep the
+  behaviour of the code before the key existed)."""
   defaults = config_lib.default()
 
   def convert(node, ref):
-    out = {}
+    out = dict(ref) if isinstance(ref, dict) else {}
     for key, value in node.items():
-      sub = ref.get(key) if isinstance(ref, (dict, ml_collections.ConfigDict)) else None
+      sub = ref.get(key) if isinstance(ref, dict) else None
       out[key] = convert(value, sub if sub is not None else {}) if isinstance(value, dict) \
           else _coerce_like(value, sub)
     return out
 
-  return ml_collections.ConfigDict(convert(raw, defaults))
+  return ml_collections.ConfigDict(convert(raw, defaults.to_dict()))
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:

@@ -34,6 +34,7 @@ def default() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5                  # RMSNorm epsilon
   m.tie_embeddings = False           # share text embedding and LM head
   m.encoder = "linear"               # modality layers: "linear" or "unet"
+  m.image_pos_embed = "none"         # linear encoder: "sincos2d" adds a fixed (row, column) embedding per patch
   m.unet_channels = (64, 128)        # U-Net down/up block widths (encoder="unet")
   m.unet_blocks_per_level = 1        # residual blocks per U-Net level
   m.t_embed_dim = 256                # sinusoidal timestep features before the MLP
@@ -69,7 +70,8 @@ def default() -> ml_collections.ConfigDict:
   c.diffusion = d = ml_collections.ConfigDict()
   d.num_timesteps = 1000             # T, discrete training timesteps
   d.schedule = "cosine"              # noise schedule (Nichol & Dhariwal cosine)
-  d.prediction = "eps"               # model target: "eps" or "v"
+  d.schedule_shift = 1.0             # s >= 1 divides the schedule's SNR by s^2 (more high-noise steps)
+  d.prediction = "eps"               # model target: "eps", "v" or "x0"
   d.loss_weight = 5.0                # lambda in L = L_lm + lambda * L_diff
   d.noise_limit = 500                # max t for images that precede their caption
   d.sampler = "ddim"                 # "ddim" or "ddpm"

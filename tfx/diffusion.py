@@ -30,11 +30,18 @@ def cosine_alpha_bar(u):
   return f(np.asarray(u, np.float64)) / f(0.0)
 
 
-def cosine_schedule(num_timesteps: int = 1000) -> Schedule:
-  """betas_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999); alphas_cumprod = cumprod(1 - betas)."""
-  t = np.arange(num_timesteps, dtype=np.float64)
-  betas = np.minimum(1 - cosine_alpha_bar((t + 1) / num_timesteps) / cosine_alpha_bar(t / num_timesteps),
-                     MAX_BETA)
+def cosine_schedule(num_timesteps: int = 1000, shift: float = 1.0) -> Schedule:
+  """betas_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999); alphas_cumprod = cumprod(1 - betas).
+
+  `shift` s > 1 divides every signal-to-noise ratio abar / (1 - abar) by s^2 (log-SNR
+  minus 2 log s, as simple diffusion shifts for resolution): more of the steps fall
+  where the noise hides an image's layout, which is what a caption decides."""
+  if shift < 1:
+    raise ValueError(f"diffusion.schedule_shift must be >= 1, got {shift}")
+  u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+  ab = cosine_alpha_bar(u)
+  ab = ab / (ab + shift ** 2 * (1 - ab))
+  betas = np.minimum(1 - ab[1:] / ab[:-1], MAX_BETA)
   return Schedule(jnp.asarray(betas, jnp.float32), jnp.asarray(np.cumprod(1 - betas), jnp.float32))
 
 
@@ -42,12 +49,15 @@ def make_schedule(diffusion_config) -> Schedule:
   """The schedule named by config.diffusion."""
   if diffusion_config.schedule != "cosine":
     raise ValueError(f"diffusion.schedule must be 'cosine', got {diffusion_config.schedule!r}")
-  return cosine_schedule(diffusion_config.num_timesteps)
+  return cosine_schedule(diffusion_config.num_timesteps, diffusion_config.schedule_shift)
+
+
+PREDICTIONS = ("eps", "v", "x0")
 
 
 def _check_prediction(prediction: str) -> None:
-  if prediction not in ("eps", "v"):
-    raise ValueError(f"diffusion.prediction must be 'eps' or 'v', got {prediction!r}")
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"diffusion.prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
 def alpha_bar(schedule: Schedule, t):
@@ -68,24 +78,30 @@ def q_sample(schedule: Schedule, x0, t, eps):
 
 
 def target(schedule: Schedule, x0, t, eps, prediction: str):
-  """The model's regression target: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+  """The model's regression target: eps, x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
   _check_prediction(prediction)
   if prediction == "eps":
     return eps
+  if prediction == "x0":
+    return x0
   ab = _bcast(alpha_bar(schedule, t), x0)
   return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
 
 
 def predict_x0_eps(schedule: Schedule, x_t, t, model_out, prediction: str):
-  """(x0_hat, eps_hat) from the model output (eps or v) at x_t.
+  """(x0_hat, eps_hat) from the model output (eps, v or x0) at x_t.
 
   With eps at t near T-1, x0_hat divides by sqrt(abar) ~ 5e-5, so fp32 rounding
-  in x_t alone costs ~2e-3; v-prediction has no such division."""
+  in x_t alone costs ~2e-3; v-prediction has no such division. x0's eps_hat
+  divides by sqrt(1 - abar) (~6e-3 at t=0), but samplers scale it by as much again."""
   _check_prediction(prediction)
   ab = _bcast(alpha_bar(schedule, t), x_t)
   if prediction == "eps":
     eps = model_out
     x0 = (x_t - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+  elif prediction == "x0":
+    x0 = model_out
+    eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
   else:
     x0 = jnp.sqrt(ab) * x_t - jnp.sqrt(1 - ab) * model_out
     eps = jnp.sqrt(1 - ab) * x_t + jnp.sqrt(ab) * model_out

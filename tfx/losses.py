@@ -57,7 +57,9 @@ def snr_weight(schedule, t_BL, diffusion_config):
     ab = diffusion.alpha_bar(schedule, t_BL)
     snr = ab / (1 - ab)
     clipped = jnp.minimum(snr, diffusion_config.min_snr_gamma)
-    return clipped / snr if diffusion_config.prediction == "eps" else clipped / (snr + 1)
+    # the squared error in eps is SNR x (error in x0), in v (SNR + 1) x (error in x0)
+    scale = {"eps": snr, "v": snr + 1, "x0": 1.0}[diffusion_config.prediction]
+    return clipped / scale
   raise ValueError(f"diffusion.loss_weighting must be 'none' or 'min_snr', got {kind!r}")
 
 
