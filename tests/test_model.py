@@ -100,6 +100,28 @@ def test_causality_and_isolation(encoder):
   assert np.abs(lo4[0, seg == 1] - logits[0, seg == 1]).max() > 1e-4
 
 
+def test_linear_patches_know_their_place_in_the_grid():
+  """Equal patches get one embedding per (row, column) cell, the same cell in every image,
+  counted from each image's first patch (BOI/EOI and back-to-back images alike)."""
+  side, n = 3, 9
+  enc = modality.LinearPatches(12, 32, 16, grid_side=side, rngs=fast_rngs(0))
+  plain = modality.LinearPatches(12, 32, 16, grid_side=0, rngs=fast_rngs(0))
+  mod_L = np.array([0] + [1] * n + [0, 0] + [1] * (2 * n) + [0], np.int32)
+  offsets = np.concatenate([[0], np.arange(n), [0, 0], np.arange(n), np.arange(n), [0]])
+  patches = np.ones((1, len(mod_L), 12), np.float32)
+  t = np.full((1, len(mod_L)), 50.0, np.float32)
+  x, _ = enc.encode(patches, t, mod_L[None])
+  x0, _ = plain.encode(patches, t, mod_L[None])
+  table = modality.sincos_2d(side, 32)
+  image = mod_L == 1
+  np.testing.assert_allclose(np.asarray(x - x0)[0, image], table[offsets[image]], atol=1e-6)
+  assert len({tuple(np.round(row, 5)) for row in table}) == n   # every cell distinct
+  np.testing.assert_allclose(table[4, :16], table[5, :16], atol=0)   # same row: row half equal
+  np.testing.assert_allclose(table[1, 16:], table[4, 16:], atol=0)  # same column: column half equal
+  with pytest.raises(ValueError, match="divisible by 4"):
+    modality.sincos_2d(side, 30)
+
+
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_unet_works_for_patch_sizes(k):
   """An 8x8x3 grid as k x k patches: per-image outputs come back in place, images stay separate.

@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tfx import mesh, patching, record
@@ -41,10 +42,14 @@ class TimestepEmbed(nnx.Module):
 
 
 class LinearPatches(nnx.Module):
-  """Paper's linear encoder: patch -> d_model plus a timestep embedding; d_model -> patch."""
+  """Paper's linear encoder: patch -> d_model plus a timestep embedding (and, with
+  `grid_side`, a fixed 2-D position embedding of the patch in its image); d_model -> patch."""
 
-  def __init__(self, patch_dim: int, d_model: int, t_embed_dim: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+  def __init__(self, patch_dim: int, d_model: int, t_embed_dim: int, *, grid_side: int = 0,
+               rngs: nnx.Rngs, dtype=jnp.float32):
+    # RoPE gives patches only their 1-D order; without the grid a small model drew
+    # patch-sized specks with no whole shapes (shapes default, 1500 steps).
+    self.grid_side = grid_side
     self.proj_in = layers.Dense((patch_dim,), (d_model,), ("patch", "embed"), rngs=rngs, dtype=dtype,
                                 use_bias=True)
     self.t_embed = TimestepEmbed(t_embed_dim, d_model, rngs=rngs, dtype=dtype)
@@ -52,7 +57,12 @@ class LinearPatches(nnx.Module):
                                  use_bias=True)
 
   def encode(self, patches_BLP, t_BL, modality_BL):
-    return self.proj_in(patches_BLP) + self.t_embed(t_BL), None
+    x_BLD = self.proj_in(patches_BLP) + self.t_embed(t_BL)
+    if self.grid_side:
+      n = self.grid_side ** 2
+      table_ND = jnp.asarray(sincos_2d(self.grid_side, x_BLD.shape[-1]), x_BLD.dtype)
+      x_BLD = x_BLD + table_ND[image_offsets(modality_BL, n)]
+    return x_BLD, None
 
   def decode(self, x_BLD, ctx):
     return self.proj_out(x_BLD).astype(jnp.float32)
@@ -103,16 +113,35 @@ def _upsample2(x_NHWC):
   return jnp.repeat(jnp.repeat(x_NHWC, 2, axis=1), 2, axis=2)
 
 
-def image_slots(modality_BL, n: int, max_images: int):
-  """Start index of each image in order (slot), whether the slot is used, and each position's
-  (slot, offset in its image). An image is n consecutive image positions (BOI/EOI separate images)."""
+def image_offsets(modality_BL, n: int):
+  """Each position's index in its image (0..n-1; meaningless off images). An image is n
+  consecutive image positions; a run of them may hold several images (BOI/EOI separate runs)."""
   B, L = modality_BL.shape
   is_image_BL = modality_BL == record.IMAGE
-  # a run of consecutive image positions may hold several images; every n-th patch starts one
   prev_image_BL = jnp.concatenate([jnp.zeros((B, 1), bool), is_image_BL[:, :-1]], axis=1)
   run_start_BL = is_image_BL & ~prev_image_BL
   run_origin_BL = jax.lax.cummax(jnp.where(run_start_BL, jnp.arange(L), 0), axis=1)
-  offset_BL = (jnp.arange(L) - run_origin_BL) % n
+  return (jnp.arange(L) - run_origin_BL) % n
+
+
+def sincos_2d(side: int, dim: int) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding [side * side, dim] of a row-major patch grid
+  (MAE/DiT): half the channels encode the row, half the column."""
+  if dim % 4:
+    raise ValueError(f"model.image_pos_embed='sincos2d' needs model.d_model divisible by 4, got {dim}")
+  freq = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+  angle_row = np.repeat(np.arange(side), side)[:, None] * freq
+  angle_col = np.tile(np.arange(side), side)[:, None] * freq
+  table = np.concatenate([np.sin(angle_row), np.cos(angle_row), np.sin(angle_col), np.cos(angle_col)], 1)
+  return table.astype(np.float32)
+
+
+def image_slots(modality_BL, n: int, max_images: int):
+  """Start index of each image in order (slot), whether the slot is used, and each position's
+  (slot, offset in its image), with images as in `image_offsets`."""
+  B, L = modality_BL.shape
+  is_image_BL = modality_BL == record.IMAGE
+  offset_BL = image_offsets(modality_BL, n)
   starts_flag_BL = is_image_BL & (offset_BL == 0)
   slot_BL = jnp.cumsum(starts_flag_BL.astype(jnp.int32), axis=1) - 1
   onehot_BML = starts_flag_BL[:, None, :] & (slot_BL[:, None, :] == jnp.arange(max_images)[None, :, None])
@@ -213,8 +242,11 @@ def build(config, *, rngs: nnx.Rngs, dtype=jnp.float32):
   m, im, ae = config.model, config.image, config.autoencoder
   side = im.resolution // ae.downsample
   p_dim = patching.patch_dim(im.patch_size, ae.latent_channels)
+  if m.image_pos_embed not in ("sincos2d", "none"):
+    raise ValueError(f"model.image_pos_embed must be 'sincos2d' or 'none', got {m.image_pos_embed!r}")
   if m.encoder == "linear":
-    return LinearPatches(p_dim, m.d_model, m.t_embed_dim, rngs=rngs, dtype=dtype)
+    grid_side = side // im.patch_size if m.image_pos_embed == "sincos2d" else 0
+    return LinearPatches(p_dim, m.d_model, m.t_embed_dim, grid_side=grid_side, rngs=rngs, dtype=dtype)
   if m.encoder == "unet":
     patching.num_patches(side, im.patch_size)  # raises if the grid does not divide
     return UNetPatches(patch_size=im.patch_size, channels=ae.latent_channels,
