@@ -226,9 +226,22 @@ def test_captioning_perfect_captioner_and_wrong_captions(scenes):
     else:
       reworded.append(p.caption)
       expect.append(False)
+  assert any(expect)
   s = captioning.summarize(reworded, refs, images, shapes.score)
   assert s["caption_scorer_pass"] == 1.0 and s["caption_exact_match"] == pytest.approx(1 - np.mean(expect))
-  wrong = captioning.summarize(["a purple circle"] * len(refs), refs, images, shapes.score)
-  assert wrong["caption_scorer_pass"] < 0.2
-  garbage = captioning.summarize(["zzz"] * len(refs), refs, images, shapes.score)
-  assert garbage["caption_scorer_pass"] == 0.0 and garbage["caption_exact_match"] == 0.0
+  # ... unless exact match compares meaning: then the flipped relations match too
+  meaning = lambda text: shapes.parse_caption(text).canonical()
+  s = captioning.summarize(reworded, refs, images, shapes.score, meaning=meaning)
+  assert s["caption_exact_match"] == 1.0 and s["caption_exact_text"] == pytest.approx(1 - np.mean(expect))
+  # a true but different relation ("above" for "to the left of") is no match in meaning either
+  other = {"to the left of": "above", "to the right of": "below", "above": "to the left of",
+           "below": "to the right of"}
+  swapped = [r if shapes.parse_caption(r).kind != "relation" else
+             r.replace(shapes.parse_caption(r).relation, other[shapes.parse_caption(r).relation]) for r in refs]
+  s = captioning.summarize(swapped, refs, images, shapes.score, meaning=meaning)
+  assert s["caption_exact_match"] == pytest.approx(2 / 3)
+  for m in (None, meaning):
+    wrong = captioning.summarize(["a purple circle"] * len(refs), refs, images, shapes.score, meaning=m)
+    assert wrong["caption_scorer_pass"] < 0.2 and wrong["caption_exact_match"] <= 1 / len(refs)
+    garbage = captioning.summarize(["zzz"] * len(refs), refs, images, shapes.score, meaning=m)
+    assert garbage["caption_scorer_pass"] == 0.0 and garbage["caption_exact_match"] == 0.0

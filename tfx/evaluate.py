@@ -27,6 +27,7 @@ TABLE = [  # (metric, label, format)
     ("t2i_count_acc", "  count / position", "pct2:t2i_position_acc"),
     ("t2i_heldout_pass", "  held-out combinations", "pct"),
     ("caption_exact_match", "caption exact match", "pct"),
+    ("caption_exact_text", "  same text as the reference", "pct"),
     ("caption_scorer_pass", "caption read back by scorer", "pct"),
     ("caption_heldout_exact_match", "  held-out exact match", "pct"),
     ("caption_cider_d", "caption CIDEr-D (x100)", "x100"),

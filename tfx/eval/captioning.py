@@ -4,7 +4,7 @@ The read-back verdict asks: if the generated caption were a prompt, would the
 ground-truth image pass it? A fluent but wrong caption fails; a correct caption
 worded differently from the reference passes.
 """
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -17,6 +17,22 @@ def normalize(caption: str) -> str:
   return " ".join(cider.tokenize(caption))
 
 
+def exact_matches(generated: Sequence[str], references: Sequence[str],
+                  meaning: Callable[[str], Hashable] | None = None) -> np.ndarray:
+  """Per caption: equal to its reference as normalized text, or, with `meaning` (a parser
+  of the caption grammar), equal in meaning ("A left of B" == "B right of A"); a
+  generated caption `meaning` cannot parse never matches."""
+  def parsed(text):
+    try:
+      return meaning(text)
+    except ValueError:
+      return None
+  if meaning is None:
+    return np.array([normalize(g) == normalize(r) for g, r in zip(generated, references)], bool)
+  return np.array([(m := parsed(g)) is not None and m == meaning(r) for g, r in zip(generated, references)],
+                  bool)
+
+
 def read_back_verdict(image: np.ndarray, caption: str, scorer: Scorer) -> bool:
   """Whether `image` passes `caption`; a caption the scorer cannot parse fails."""
   try:
@@ -26,16 +42,19 @@ def read_back_verdict(image: np.ndarray, caption: str, scorer: Scorer) -> bool:
 
 
 def summarize(generated: Sequence[str], references: Sequence[str], images_NHWC: np.ndarray,
-              scorer: Scorer | None, held_out: Sequence[bool] | None = None) -> dict[str, float]:
-  """Rates in [0, 1] (`caption_exact_match`, `caption_scorer_pass` when a scorer is given) and
-  `caption_cider_d` (0..10), plus `caption_heldout_*` rates over the held-out items."""
+              scorer: Scorer | None, held_out: Sequence[bool] | None = None,
+              meaning: Callable[[str], Hashable] | None = None) -> dict[str, float]:
+  """Rates in [0, 1] (`caption_exact_match` in meaning when `meaning` is given, else as text;
+  `caption_exact_text`; `caption_scorer_pass` when a scorer is given) and `caption_cider_d`
+  (0..10), plus `caption_heldout_*` rates over the held-out items."""
   if not (len(generated) == len(references) == len(images_NHWC)):
     raise ValueError(f"captioning: {len(generated)} captions, {len(references)} references, "
                      f"{len(images_NHWC)} images; they must match")
-  exact = np.array([normalize(g) == normalize(r) for g, r in zip(generated, references)])
+  exact = exact_matches(generated, references, meaning)
   cider_mean, _ = cider.cider_d(list(generated), [[r] for r in references])
-  out = {"caption_exact_match": float(exact.mean()), "caption_cider_d": float(cider_mean),
-         "caption_num": float(len(generated))}
+  out = {"caption_exact_match": float(exact.mean()),
+         "caption_exact_text": float(exact_matches(generated, references).mean()),
+         "caption_cider_d": float(cider_mean), "caption_num": float(len(generated))}
   mask = np.asarray(held_out, bool) if held_out is not None and any(held_out) else None
   if mask is not None:
     out["caption_heldout_exact_match"] = float(exact[mask].mean())

@@ -62,9 +62,10 @@ def text_to_image_scores(pairs: eval_set.PairSet, images: np.ndarray) -> dict[st
 
 def caption_scores(pairs: eval_set.PairSet, generated: list[str]) -> dict[str, float]:
   from tfx.data import shapes
-  scorer = shapes.score if pairs.has_kinds else None
+  scorer, meaning = (shapes.score, lambda text: shapes.parse_caption(text).canonical()) if pairs.has_kinds \
+      else (None, None)
   return captioning.summarize(generated, pairs.captions, pairs.images, scorer,
-                              held_out=[p.held_out for p in pairs.prompts])
+                              held_out=[p.held_out for p in pairs.prompts], meaning=meaning)
 
 
 def perplexities(config, model, gen, pairs: eval_set.PairSet, *, text_records: int,
