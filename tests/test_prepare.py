@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -135,3 +136,15 @@ def test_refuses_to_overwrite_and_rejects_unusable_input(raw_dir, tmp_path, caps
   with pytest.raises(SystemExit) as e:
     prepare.main([f"--output={tmp_path / 'out3'}"])
   assert e.value.code == 2
+
+
+def test_building_a_dataset_leaves_nothing_in_the_system_temp_dir(tmp_path, monkeypatch):
+  system_tmp = tmp_path / "system_tmp"
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+  examples = lambda: iter([("0", {"text": "one document"})])
+  version_dir = builders.write_dataset(builders.PydocTopics, str(tmp_path / "ds"), builders.text_features(),
+                                       {"train": examples})
+  assert os.path.exists(os.path.join(version_dir, "dataset_info.json"))
+  assert list(system_tmp.iterdir()) == [] and tempfile.tempdir == str(system_tmp)
+  assert not os.path.exists(tmp_path / "ds" / ".downloads")

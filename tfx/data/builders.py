@@ -15,6 +15,7 @@ A dataset is any folder holding one tfds version directory (dataset_info.json);
 """
 import contextlib
 import os
+import tempfile
 from typing import Callable, Iterable
 
 import numpy as np
@@ -88,9 +89,16 @@ def write_dataset(builder_cls: type, out_dir: str, features: tfds.features.Featu
   """
   tfds.disable_progress_bar()
   config = tfds.core.BuilderConfig(name=config_name) if config_name else None
-  builder = builder_cls(features=features, split_examples=split_examples, description=description,
-                        data_dir=out_dir, config=config)
   downloads = os.path.join(out_dir, ".downloads")
+  os.makedirs(downloads, exist_ok=True)
+  # A new tfds builder makes an empty tempfile.mkdtemp() for dataset metadata from GCS (a
+  # lookup that is disabled and returns at once) and never removes it: keep it in `downloads`.
+  system_tempdir, tempfile.tempdir = tempfile.tempdir, downloads
+  try:
+    builder = builder_cls(features=features, split_examples=split_examples, description=description,
+                          data_dir=out_dir, config=config)
+  finally:
+    tempfile.tempdir = system_tempdir
   builder.download_and_prepare(download_dir=downloads)
   for root, _, _ in sorted(os.walk(downloads), reverse=True):   # tfds leaves empty dirs; nothing is downloaded
     with contextlib.suppress(OSError):
