@@ -53,9 +53,10 @@ def _reference(batch, t, eps, emb, proj, d):
   lm = (ce * mask).sum() / max(mask.sum(), 1)
   target = dict(eps=eps, x0=x0, v=np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0)[d.prediction]
   err = ((out - target) ** 2).mean(-1)
-  if d.loss_weighting == "min_snr":
+  if d.loss_weighting in ("min_snr", "clipped_v"):
     snr = (ab / (1 - ab))[..., 0]
-    err = err * np.minimum(snr, d.min_snr_gamma) / dict(eps=snr, v=snr + 1, x0=1.0)[d.prediction]
+    x0_weight = np.minimum(snr, d.min_snr_gamma) + (d.loss_weighting == "clipped_v")
+    err = err * x0_weight / dict(eps=snr, v=snr + 1, x0=1.0)[d.prediction]
   per_image = []
   for b in range(batch["tokens"].shape[0]):
     for i in set(batch["image_ids"][b][image[b]].tolist()):
@@ -90,7 +91,7 @@ def _jax_loss(batch, emb, proj, config, junk=0.0):
 
 
 @pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("v", "min_snr"), ("x0", "none"),
-                                                  ("x0", "min_snr")])
+                                                  ("x0", "min_snr"), ("x0", "clipped_v"), ("v", "clipped_v")])
 def test_loss_matches_float64_reference(setup, prediction, weighting):
   batch, emb, proj = setup
   config = _config(prediction, weighting)

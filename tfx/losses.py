@@ -53,14 +53,15 @@ def snr_weight(schedule, t_BL, diffusion_config):
   kind = diffusion_config.loss_weighting
   if kind == "none":
     return jnp.ones(t_BL.shape, jnp.float32)
-  if kind == "min_snr":
+  if kind in ("min_snr", "clipped_v"):
     ab = diffusion.alpha_bar(schedule, t_BL)
     snr = ab / (1 - ab)
-    clipped = jnp.minimum(snr, diffusion_config.min_snr_gamma)
+    # the weight on the squared error in x0: min-SNR, or the v-loss's SNR + 1 with SNR clipped
+    x0_weight = jnp.minimum(snr, diffusion_config.min_snr_gamma) + (kind == "clipped_v")
     # the squared error in eps is SNR x (error in x0), in v (SNR + 1) x (error in x0)
     scale = {"eps": snr, "v": snr + 1, "x0": 1.0}[diffusion_config.prediction]
-    return clipped / scale
-  raise ValueError(f"diffusion.loss_weighting must be 'none' or 'min_snr', got {kind!r}")
+    return x0_weight / scale
+  raise ValueError(f"diffusion.loss_weighting must be 'none', 'min_snr' or 'clipped_v', got {kind!r}")
 
 
 def diffusion_loss(out_BLP, target_BLP, weight_BL, image_ids_BL, modality_BL):
