@@ -47,8 +47,8 @@ class LinearPatches(nnx.Module):
 
   def __init__(self, patch_dim: int, d_model: int, t_embed_dim: int, *, grid_side: int = 0,
                rngs: nnx.Rngs, dtype=jnp.float32):
-    # RoPE gives patches only their 1-D order; without the grid a small model drew
-    # patch-sized specks with no whole shapes (shapes default, 1500 steps).
+    # RoPE gives patches only their 1-D order in the sequence; the embedding adds each
+    # patch's row and column, which a small model otherwise has to infer.
     self.grid_side = grid_side
     self.proj_in = layers.Dense((patch_dim,), (d_model,), ("patch", "embed"), rngs=rngs, dtype=dtype,
                                 use_bias=True)
