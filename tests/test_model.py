@@ -152,6 +152,15 @@ def test_unet_works_for_patch_sizes(k):
   second = np.arange(length) >= 2 + n
   np.testing.assert_allclose(out2[0, second], out[0, second], atol=1e-6)
   assert np.abs(out2[0, 1:1 + n] - out[0, 1:1 + n]).max() > 1e-4
+  if k == 4:  # the fixed grid embedding lands on the U-Net's patch vectors too, image by image
+    with_grid = modality.UNetPatches(patch_size=k, channels=3, grid_side=2, d_model=64, widths=(16, 32),
+                                     blocks_per_level=1, t_embed_dim=32, max_images=2, pos_embed=True,
+                                     rngs=fast_rngs(0))
+    x_grid, _ = with_grid.encode(patches, t, mod_L[None])
+    offsets = np.concatenate([[0], np.arange(n), [0], np.arange(n), [0]])
+    image = mod_L == 1
+    np.testing.assert_allclose(np.asarray(x_grid - x)[0, image], modality.sincos_2d(2, 64)[offsets[image]],
+                               atol=1e-5)
   with pytest.raises(ValueError, match="power-of-two"):
     modality.UNetPatches(patch_size=3, channels=3, grid_side=2, d_model=8, widths=(8,), blocks_per_level=1,
                          t_embed_dim=8, max_images=1, rngs=nnx.Rngs(0))

@@ -34,7 +34,7 @@ def default() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5                  # RMSNorm epsilon
   m.tie_embeddings = False           # share text embedding and LM head
   m.encoder = "linear"               # modality layers: "linear" or "unet"
-  m.image_pos_embed = "none"         # linear encoder: "sincos2d" adds a fixed (row, column) embedding per patch
+  m.image_pos_embed = "none"         # "sincos2d" adds a fixed (row, column) embedding to each patch vector
   m.unet_channels = (64, 128)        # U-Net down/up block widths (encoder="unet")
   m.unet_blocks_per_level = 1        # residual blocks per U-Net level
   m.t_embed_dim = 256                # sinusoidal timestep features before the MLP

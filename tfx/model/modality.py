@@ -47,8 +47,6 @@ class LinearPatches(nnx.Module):
 
   def __init__(self, patch_dim: int, d_model: int, t_embed_dim: int, *, grid_side: int = 0,
                rngs: nnx.Rngs, dtype=jnp.float32):
-    # RoPE gives patches only their 1-D order in the sequence; the embedding adds each
-    # patch's row and column, which a small model otherwise has to infer.
     self.grid_side = grid_side
     self.proj_in = layers.Dense((patch_dim,), (d_model,), ("patch", "embed"), rngs=rngs, dtype=dtype,
                                 use_bias=True)
@@ -58,11 +56,7 @@ class LinearPatches(nnx.Module):
 
   def encode(self, patches_BLP, t_BL, modality_BL):
     x_BLD = self.proj_in(patches_BLP) + self.t_embed(t_BL)
-    if self.grid_side:
-      n = self.grid_side ** 2
-      table_ND = jnp.asarray(sincos_2d(self.grid_side, x_BLD.shape[-1]), x_BLD.dtype)
-      x_BLD = x_BLD + table_ND[image_offsets(modality_BL, n)]
-    return x_BLD, None
+    return add_grid_embedding(x_BLD, modality_BL, self.grid_side), None
 
   def decode(self, x_BLD, ctx):
     return self.proj_out(x_BLD).astype(jnp.float32)
@@ -136,6 +130,15 @@ def sincos_2d(side: int, dim: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
+def add_grid_embedding(x_BLD, modality_BL, grid_side: int):
+  """x plus the fixed `sincos_2d` embedding of each image position's (row, column); a no-op
+  for grid_side 0. RoPE gives patches only their 1-D order in the sequence."""
+  if not grid_side:
+    return x_BLD
+  table_ND = jnp.asarray(sincos_2d(grid_side, x_BLD.shape[-1]), x_BLD.dtype)
+  return x_BLD + table_ND[image_offsets(modality_BL, grid_side ** 2)]
+
+
 def image_slots(modality_BL, n: int, max_images: int):
   """Start index of each image in order (slot), whether the slot is used, and each position's
   (slot, offset in its image), with images as in `image_offsets`."""
@@ -161,7 +164,7 @@ class UNetPatches(nnx.Module):
 
   def __init__(self, *, patch_size: int, channels: int, grid_side: int, d_model: int,
                widths, blocks_per_level: int, t_embed_dim: int, max_images: int,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               pos_embed: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
     n_down = int(round(math.log2(patch_size)))
     if 2 ** n_down != patch_size:
       raise ValueError(f"model.encoder='unet' needs a power-of-two image.patch_size, got {patch_size}")
@@ -169,6 +172,7 @@ class UNetPatches(nnx.Module):
     width = lambda level: widths[min(level, len(widths) - 1)]
     self.k, self.c, self.side, self.n_down = patch_size, channels, grid_side, n_down
     self.max_images = max_images
+    self.pos_embed = pos_embed
     t_dim = width(n_down) * 4
     self.t_embed = TimestepEmbed(t_embed_dim, t_dim, rngs=rngs, dtype=dtype)
     self.conv_in = Conv(channels, width(0), 3, rngs=rngs, dtype=dtype)
@@ -213,6 +217,7 @@ class UNetPatches(nnx.Module):
     vec_XND = self.to_model(self.norm_in(h)).reshape(B * M, n, -1)
     vec_BMND = vec_XND.reshape(B, M, n, -1)
     x_BLD = vec_BMND[jnp.arange(B)[:, None], slot_BL, jnp.clip(offset_BL, 0, n - 1)]
+    x_BLD = add_grid_embedding(x_BLD, modality_BL, self.side if self.pos_embed else 0)
     ctx = dict(skips=skips, temb=temb_XT, slot=slot_BL, offset=offset_BL, starts=starts_BM,
                present=present_BM)
     return x_BLD, ctx
@@ -252,5 +257,6 @@ def build(config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     return UNetPatches(patch_size=im.patch_size, channels=ae.latent_channels,
                        grid_side=side // im.patch_size, d_model=m.d_model, widths=m.unet_channels,
                        blocks_per_level=m.unet_blocks_per_level, t_embed_dim=m.t_embed_dim,
-                       max_images=im.max_images_per_seq, rngs=rngs, dtype=dtype)
+                       max_images=im.max_images_per_seq, pos_embed=m.image_pos_embed == "sincos2d",
+                       rngs=rngs, dtype=dtype)
   raise ValueError(f"model.encoder must be 'linear' or 'unet', got {m.encoder!r}")
