@@ -110,11 +110,15 @@ def test_t2i_summary_counts_kinds_attributes_and_held_out():
               dict(passed=False, color=True, shape=True, count=True, position=False)]
   verdicts[0]["position"] = True  # the scorer's answer for captions without a relation: not counted
   s = t2i.summarize(prompts, verdicts)
-  assert s["t2i_pass"] == pytest.approx(1 / 3)
-  assert (s["t2i_pass_single"], s["t2i_pass_count"], s["t2i_pass_relation"]) == (1.0, 0.0, 0.0)
-  assert s["t2i_shape_acc"] == pytest.approx(2 / 3) and s["t2i_position_acc"] == 0.0
-  assert s["t2i_heldout_pass"] == 0.0 and s["t2i_heldout_color_acc"] == 1.0
-  assert "t2i_heldout_pass_one_object" not in s
+  # the seen combinations and the held-out ones are scored apart, never mixed
+  assert (s["t2i_pass"], s["t2i_pass_single"], s["t2i_shape_acc"], s["t2i_num"]) == (1.0, 1.0, 1.0, 1.0)
+  assert "t2i_pass_count" not in s and "t2i_position_acc" not in s
+  assert (s["t2i_heldout_pass"], s["t2i_heldout_pass_count"], s["t2i_heldout_pass_relation"]) == (0.0, 0.0, 0.0)
+  assert s["t2i_heldout_shape_acc"] == 0.5 and s["t2i_heldout_position_acc"] == 0.0
+  assert s["t2i_heldout_color_acc"] == 1.0 and "t2i_heldout_pass_single" not in s
+  both = t2i.summarize([t2i.Prompt(p.caption, p.kind, False) for p in prompts], verdicts)
+  assert both["t2i_pass"] == pytest.approx(1 / 3) and both["t2i_shape_acc"] == pytest.approx(2 / 3)
+  assert "t2i_heldout_pass" not in both and both["t2i_num"] == 3.0
   with pytest.raises(ValueError, match="kind"):
     t2i.summarize([t2i.Prompt("x", "scene", False)], verdicts[:1])
 
@@ -212,7 +216,12 @@ def test_captioning_perfect_captioner_and_wrong_captions(scenes):
   held = [p.held_out for p in prompts]
   best = captioning.summarize([r.upper() + "." for r in refs], refs, images, shapes.score, held)
   assert best["caption_exact_match"] == 1.0 and best["caption_scorer_pass"] == 1.0
-  assert best["caption_heldout_exact_match"] == 1.0
+  assert best["caption_heldout_exact_match"] == 1.0 and best["caption_num"] == len(refs) - sum(held)
+  # wrong captions of held-out images move only the held-out rates
+  mixed = [r if not h else "a red circle above a red circle" for r, h in zip(refs, held)]
+  s = captioning.summarize(mixed, refs, images, shapes.score, held)
+  assert s["caption_exact_match"] == 1.0 and s["caption_scorer_pass"] == 1.0
+  assert s["caption_heldout_exact_match"] == 0.0 and s["caption_heldout_scorer_pass"] == 0.0
   assert best["caption_cider_d"] == pytest.approx(cider.cider_d(refs, [[r] for r in refs])[0])
   # the same scenes worded differently pass the read-back but are no exact match
   flip = {"to the left of": "to the right of", "above": "below"}

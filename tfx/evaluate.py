@@ -222,7 +222,9 @@ def main(argv=None) -> int:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
   path = write_results(args.workdir, step, result, options)
-  print(f"step {step}: {len(result.pairs)} pairs ({args.split} + held-out)")
+  held = sum(p.held_out for p in result.pairs.prompts)
+  print(f"step {step}: {len(result.pairs) - held} {args.split} pairs (rates below), {held} held-out "
+        "(held-out rows)")
   print(format_table(result.metrics))
   print(f"wrote {path}")
   return 0

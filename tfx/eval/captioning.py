@@ -46,21 +46,27 @@ def summarize(generated: Sequence[str], references: Sequence[str], images_NHWC: 
               meaning: Callable[[str], Hashable] | None = None) -> dict[str, float]:
   """Rates in [0, 1] (`caption_exact_match` in meaning when `meaning` is given, else as text;
   `caption_exact_text`; `caption_scorer_pass` when a scorer is given) and `caption_cider_d`
-  (0..10), plus `caption_heldout_*` rates over the held-out items."""
+  (0..10) over the items of seen combinations, and `caption_heldout_*` rates over the
+  held-out items (never mixed). `caption_num` counts the first group."""
   if not (len(generated) == len(references) == len(images_NHWC)):
     raise ValueError(f"captioning: {len(generated)} captions, {len(references)} references, "
                      f"{len(images_NHWC)} images; they must match")
+  held_N = np.zeros(len(generated), bool) if held_out is None else np.asarray(held_out, bool)
   exact = exact_matches(generated, references, meaning)
-  cider_mean, _ = cider.cider_d(list(generated), [[r] for r in references])
-  out = {"caption_exact_match": float(exact.mean()),
-         "caption_exact_text": float(exact_matches(generated, references).mean()),
-         "caption_cider_d": float(cider_mean), "caption_num": float(len(generated))}
-  mask = np.asarray(held_out, bool) if held_out is not None and any(held_out) else None
-  if mask is not None:
-    out["caption_heldout_exact_match"] = float(exact[mask].mean())
-  if scorer is not None:
-    passed = np.array([read_back_verdict(img, g, scorer) for img, g in zip(images_NHWC, generated)])
-    out["caption_scorer_pass"] = float(passed.mean())
-    if mask is not None:
-      out["caption_heldout_scorer_pass"] = float(passed[mask].mean())
+  exact_text = exact_matches(generated, references)
+  passed = (np.array([read_back_verdict(img, g, scorer) for img, g in zip(images_NHWC, generated)])
+            if scorer is not None else None)
+  out = {}
+  seen = np.flatnonzero(~held_N)
+  if len(seen):
+    cider_mean, _ = cider.cider_d([generated[i] for i in seen], [[references[i]] for i in seen])
+    out.update(caption_exact_match=float(exact[seen].mean()), caption_exact_text=float(exact_text[seen].mean()),
+               caption_cider_d=float(cider_mean))
+    if passed is not None:
+      out["caption_scorer_pass"] = float(passed[seen].mean())
+  out["caption_num"] = float(len(seen))
+  if held_N.any():
+    out["caption_heldout_exact_match"] = float(exact[held_N].mean())
+    if passed is not None:
+      out["caption_heldout_scorer_pass"] = float(passed[held_N].mean())
   return out

@@ -47,13 +47,16 @@ def _summarize_group(verdicts: list[dict], kinds: list[str], prefix: str) -> dic
 
 
 def summarize(prompts: Sequence[Prompt], verdicts: Sequence[dict]) -> dict[str, float]:
-  """Pass rates and attribute accuracies, all prompts and held-out ones, keys prefixed `t2i_`."""
+  """Pass rates and attribute accuracies, keys prefixed `t2i_` over the prompts of seen
+  combinations and `t2i_heldout_` over the held-out ones (never mixed: the floors are on the
+  test split). `t2i_num` counts the first group."""
   for p in prompts:
     if p.kind not in KINDS:
       raise ValueError(f"prompt {p.caption!r} has kind {p.kind!r}; expected one of {KINDS}")
-  out = _summarize_group(list(verdicts), [p.kind for p in prompts], "t2i_")
-  held = [(v, p.kind) for v, p in zip(verdicts, prompts) if p.held_out]
-  if held:
-    out.update(_summarize_group([v for v, _ in held], [k for _, k in held], "t2i_heldout_"))
-  out["t2i_num"] = float(len(verdicts))
+  out = {}
+  for held_out, prefix in ((False, "t2i_"), (True, "t2i_heldout_")):
+    group = [(v, p.kind) for v, p in zip(verdicts, prompts) if p.held_out == held_out]
+    if group:
+      out.update(_summarize_group([v for v, _ in group], [k for _, k in group], prefix))
+  out["t2i_num"] = float(sum(not p.held_out for p in prompts))
   return out
