@@ -71,8 +71,9 @@ def test_cached_decoding_matches_full_forward(gen, tok):
   assert tokens_BT.max() < tok.vocab_size
 
 
-def test_cached_denoise_step_matches_full_forward(gen):
-  """Conditional and unconditional rows, each step on the n patches only, vs [prefix ; image] uncached."""
+def check_cached_denoise_step(gen):
+  """One denoising step of conditional and unconditional rows on the n patches only (KV cache)
+  equals the model on [prefix ; image] uncached; returns what the guided-loop check needs."""
   n, P = gen.num_patches, gen.patch_dim
   pieces = [gen.image_start_piece(gen.tokenizer.encode(p), bos=True) for p in PROMPTS]
   _, cache, lengths_B, Lp = gen._prefill_prompts(pieces, n + 1)
@@ -87,6 +88,13 @@ def test_cached_denoise_step_matches_full_forward(gen):
   batch = {k: jnp.concatenate([jnp.asarray(prefix[k]), image[k]], axis=1) for k in image}
   t_XL = jnp.concatenate([jnp.zeros((4, Lp)), t_Xn], axis=1)
   np.testing.assert_allclose(cached, full_forward(gen, batch, t_XL)[1][:, Lp:], atol=1e-5, rtol=0)
+  return pieces, cache, lengths_B, Lp, both, start_X, x_XnP, prefix
+
+
+def test_cached_denoise_step_matches_full_forward(gen):
+  """Conditional and unconditional rows, each step on the n patches only, vs [prefix ; image] uncached."""
+  n = gen.num_patches
+  pieces, cache, lengths_B, Lp, both, start_X, x_XnP, prefix = check_cached_denoise_step(gen)
 
   # the whole guided loop, cached vs recomputing the prefix at every step
   keys = generate._index_keys(0, 0, 2)
@@ -104,6 +112,14 @@ def test_cached_denoise_step_matches_full_forward(gen):
           for p, x in zip(PROMPTS, x0_BnP)]
   ref, _ = generate.left_pad(full, Lp + n + 1)
   np.testing.assert_allclose(logits_BV, full_forward(gen, ref)[0][:, -1], atol=1e-5, rtol=0)
+
+
+def test_unet_patch_layers_in_the_cached_denoise_step(tok):
+  """The U-Net (the default's encoder) groups patches by image: a step on the n patches alone,
+  after a cached prefix, must see the same image as the whole sequence does."""
+  c = tiny_config()
+  c.model.encoder, c.model.unet_channels, c.model.image_pos_embed = "unet", (8, 16), "sincos2d"
+  check_cached_denoise_step(generate.Generator(c, model_lib.build_model(c, nnx.Rngs(0)), tokenizer=tok))
 
 
 def test_same_seed_same_images_bit_for_bit(gen):
