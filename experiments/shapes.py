@@ -5,10 +5,10 @@
   python -m tfx.train --config=experiments/shapes.py:long --workdir=/tmp/tfx_long   # ~1.5 hours
 
 Sized for CPU: one step (32 records of 160 positions, ~180 caption-image pairs) runs at
-1.7 steps/s on 2 idle cores (0.75 when they are shared), so 1500 steps plus building the
-dataset (~40 s) take ~16 minutes, inside the 20-minute budget of the README's main command.
-Measured from an empty HOME: 15.3 min, then captions 47% exact, one-object images 2%;
-":long" took 57.5 min for captions 65%, one-object images 10% (docs/evaluation.md).
+0.89 steps/s on 2 idle cores, so 900 steps plus building the dataset (~40 s) take ~18
+minutes, inside the 20-minute budget of the README's main command. Measured from an empty
+HOME: 18.4 min, then (test split) captions 59% exact, one-object images 19%; ":long" took
+86 min for captions 99%, one-object 81%, count 31%, relation 22% (docs/evaluation.md).
 """
 from tfx import config as tfx_config
 

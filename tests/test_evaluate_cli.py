@@ -46,7 +46,8 @@ def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, cap
   out, err = capsys.readouterr()
   record = json.loads(open(os.path.join(workdir, "eval", "2.json")).read())
   m = record["metrics"]
-  assert record["step"] == 2 and m["t2i_num"] == 9 and m["caption_num"] == 9
+  # rates over the 6 test pairs; the 3 held-out pairs only in *_heldout_*
+  assert record["step"] == 2 and m["t2i_num"] == 6 and m["caption_num"] == 6
   for key in ("t2i_pass", "t2i_pass_single", "t2i_pass_count", "t2i_pass_relation", "t2i_color_acc",
               "t2i_position_acc", "t2i_heldout_pass", "t2i_pass@cfg1_steps2", "caption_exact_match",
               "caption_scorer_pass", "caption_heldout_exact_match"):
@@ -56,6 +57,7 @@ def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, cap
   assert m["ppl_text"] > 1 and len(record["caption_samples"]) == 9
   assert os.path.isfile(os.path.join(workdir, "eval", "2.png"))
   assert "text-to-image pass" in out and "perplexity held-out text" in out and "cfg1_steps2" in out
+  assert "6 test pairs (rates below), 3 held-out" in out
   assert any("tfevents" in f for f in os.listdir(os.path.join(workdir, "tensorboard")))
   # a second evaluation of the same step goes beside the first, never over it
   eval_dir = os.path.join(workdir, "eval")
