@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   c.seq_len = 160                     # ~5 caption + 16-patch image pairs (~30 positions each)
   c.checkpoint_every_steps = 1000
   c.log_every_steps = 25
-  c.sample_every_steps = 7200         # one WORKDIR/samples/ grid of config.sample_prompts at the end (~15 s)
+  c.sample_every_steps = c.total_steps  # one WORKDIR/samples/ grid of config.sample_prompts, at the end (~15 s)
 
   m = c.model
   m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = 128, 4, 4, 4
