@@ -196,6 +196,18 @@ def test_scan_and_remat_match_the_plain_loop():
     np.testing.assert_allclose(b, a, atol=1e-5)
 
 
+def test_flops_report_under_a_mesh_and_where_only_compiled_code_is_analysed(monkeypatch):
+  """The trainer asks for FLOPs inside jax.set_mesh on GPUs/TPUs, and the GPU backend gives
+  no cost analysis before compiling: both must give the CPU's plain answer."""
+  from tfx import mesh as mesh_lib
+  c = _config(encoder="unet")
+  want = flops.report(c)
+  with jax.set_mesh(mesh_lib.make_mesh(c.mesh, jax.devices()[:2])):
+    assert flops.report(c) == pytest.approx(want, rel=1e-6)
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  assert flops.report(c) == pytest.approx(want, rel=0.02)  # XLA counts the optimized HLO
+
+
 @pytest.mark.parametrize("name", sorted(presets.PAPER_SIZES))
 def test_paper_preset_param_counts_within_5_percent(name):
   c = tfx.config.default()

@@ -101,7 +101,11 @@ def _flops_per_token(config) -> float | None:
   if metrics_lib.peak_flops(jax.devices()[0]) is None:
     return None  # MFU is only reported where the device peak is known
   from tfx.model import flops
-  return float(flops.report(config)["flops_per_token"])
+  try:
+    return float(flops.report(config)["flops_per_token"])
+  except RuntimeError as e:  # a missing MFU must not stop training
+    print(f"tfx.train: no MFU: {e}", file=sys.stderr)
+    return None
 
 
 def _sampling_model(graphdef, state: state_lib.TrainState):

@@ -14,13 +14,26 @@ def _count(tree) -> int:
 
 
 def abstract_model(config) -> Transfusion:
-  """The model with ShapeDtypeStructs for arrays (jax.eval_shape; allocates nothing)."""
-  return nnx.eval_shape(lambda: Transfusion(config, rngs=nnx.Rngs(0)))
+  """The model with ShapeDtypeStructs for arrays (jax.eval_shape; allocates nothing).
+
+  Works inside `jax.set_mesh` too: the params' logical axis names are not mesh axes, so
+  no sharding is attached to them here.
+  """
+  graphdefs = []
+
+  def build():
+    with nnx.use_eager_sharding(False):
+      graphdef, state = nnx.split(Transfusion(config, rngs=nnx.Rngs(0)))
+    graphdefs.append(graphdef)  # static: safe to take out of the trace
+    return state
+
+  state = jax.eval_shape(build)
+  return nnx.merge(graphdefs[0], state)
 
 
 def _modality_forward_flops_per_image(config, model) -> float:
   """Forward FLOPs of the modality layers (encode + decode) on one image, by XLA cost analysis
-  of the lowered (never compiled or run) computation."""
+  of the lowered (or, where the backend needs it, compiled; never run) computation."""
   im, ae = config.image, config.autoencoder
   n = patching.num_patches(im.resolution // ae.downsample, im.patch_size)
   p = patching.patch_dim(im.patch_size, ae.latent_channels)
@@ -34,9 +47,14 @@ def _modality_forward_flops_per_image(config, model) -> float:
 
   args = (state, jax.ShapeDtypeStruct((1, n, p), jnp.float32), jax.ShapeDtypeStruct((1, n), jnp.float32),
           jax.ShapeDtypeStruct((1, n, config.model.d_model), jnp.float32))
-  cost = jax.jit(forward).lower(*args).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) / n
+  lowered = jax.jit(forward).lower(*args)
+  # Some backends (GPU) analyse only compiled code; compiling this small forward takes seconds.
+  for analyse in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
+    cost = analyse()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    if cost and "flops" in cost:
+      return float(cost["flops"]) / n
+  raise RuntimeError(f"XLA gave no FLOP count for the modality layers on {jax.devices()[0].platform}")
 
 
 def report(config) -> dict:
