@@ -109,6 +109,30 @@ def test_dry_run_memory_comes_from_the_compiled_step(small_report):
   assert mem["temp_gib"] > 0 and mem["fits"] == {"H100 (80 GB)": True, "v5p (95 GB)": True}
 
 
+def test_timed_steps_run_the_compiled_step_on_random_records():
+  """--time_steps materializes the state and times the real step (the tiny shapes model, 2 devices)."""
+  spec = importlib.util.spec_from_file_location("shapes_experiment", REPO / "experiments" / "shapes.py")
+  shapes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(shapes)
+  config = shapes.get_config("tiny")
+  report = dryrun.report(config, num_devices=2, time_steps=2)
+  measured = report["measured"]
+  assert measured["steps"] == 2 and 0 < measured["step_seconds_min"] <= measured["step_seconds_median"]
+  assert measured["tokens_per_sec"] == pytest.approx(8 * 96 / measured["step_seconds_median"], rel=0.02)
+  assert np.isfinite(measured["loss"]) and measured["loss"] > 1.0  # real records, not all padding
+  assert "mfu" not in measured  # no peak FLOP/s is known for CPUs
+  json.dumps(report)
+
+
+def test_random_records_fill_long_rows_with_large_images():
+  """Rows are never left empty when max_images images would not fit (the paper's 256-patch images)."""
+  from tfx import record
+  batch = record.random_batch(np.random.default_rng(0), 8, 1024, 256, 32, 32000, max_images=16)
+  assert (batch["segment_ids"] > 0).any(axis=1).all()
+  images_per_row = (batch["modality"] == record.IMAGE).sum(axis=1) // 256
+  assert images_per_row.max() == 3 and (images_per_row > 0).sum() >= 6
+
+
 def test_too_few_devices_or_an_unsplittable_batch_is_a_clear_error():
   with pytest.raises(dryrun.DryRunError, match="xla_force_host_platform_device_count=4096"):
     dryrun.report(EXPERIMENT.get_config("size=0.16B"), num_devices=4096)
@@ -122,7 +146,8 @@ def test_cli_misuse_exits_2():
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   base = [sys.executable, "-m", "tfx.dryrun", "--config=experiments/transfusion.py:size=0.16B"]
   for extra, message in [(["--config.mesh.fsdp=3", "--num_devices=16"], "tfx.dryrun: mesh:"),
-                         (["--bogus=1"], "tfx.dryrun: Unknown command line flag 'bogus'")]:
+                         (["--bogus=1"], "tfx.dryrun: Unknown command line flag 'bogus'"),
+                         (["--time_steps=-1"], "tfx.dryrun: --time_steps must be >= 0")]:
     bad = subprocess.run(base + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr
 

@@ -6,6 +6,10 @@ config.mesh. On a CPU machine the target mesh is simulated with
 --xla_force_host_platform_device_count (see `simulate_cpu_devices`).
 
   python -m tfx.dryrun --config=experiments/transfusion.py:size=7B --num_devices=64
+
+With --time_steps=N it then materializes the state on the real devices, runs the
+compiled step N times on random records and adds the measured step time,
+throughput, MFU and peak device memory (where the backend reports it).
 """
 import json
 import os
@@ -86,8 +90,49 @@ def _flops(config, n_params: int) -> dict:
           "six_n_flops_per_step": 6.0 * n_params * tokens}
 
 
-def report(config, num_devices: int | None = None) -> dict:
-  """JSON-able dry-run report for `config` on `num_devices` (default: all) devices."""
+def _random_batch(config, mesh, rng: np.random.Generator) -> dict:
+  """One global batch of random records (the paper's caption length, images up to the config's cap)."""
+  p_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
+  n = patching.num_patches(config.image.resolution // config.autoencoder.downsample,
+                          config.image.patch_size)
+  host = record.random_batch(rng, config.global_batch_size, config.seq_len, n, p_dim,
+                             config.model.vocab_size, max_images=config.image.max_images_per_seq)
+  return {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
+
+
+def _time_steps(config, compiled, factory, mesh, steps: int, flops_per_step: float) -> dict:
+  """Runs the compiled step `steps` times (after one warm-up) on random records: time and memory."""
+  from tfx import metrics
+  state = factory.init()
+  batch = _random_batch(config, mesh, np.random.default_rng(config.seed))
+  state, out = compiled(state, batch)
+  jax.block_until_ready(out)
+  seconds = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    seconds.append(time.perf_counter() - start)
+  median = float(np.median(seconds))
+  devices = mesh.devices.flatten()
+  measured = {"steps": steps, "step_seconds_median": round(median, 4),
+              "step_seconds_min": round(min(seconds), 4),
+              "tokens_per_sec": round(config.global_batch_size * config.seq_len / median, 1),
+              "loss": float(out["loss"])}
+  peak = metrics.peak_flops(devices[0])
+  if peak:
+    measured["mfu"] = round(flops_per_step / median / (peak * len(devices)), 4)
+  stats = devices[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    measured["peak_memory_gib_device0"] = round(stats["peak_bytes_in_use"] / GIB, 3)
+  return measured
+
+
+def report(config, num_devices: int | None = None, time_steps: int = 0) -> dict:
+  """JSON-able dry-run report for `config` on `num_devices` (default: all) devices.
+
+  `time_steps` > 0 also runs the step that many times on random records (see `_time_steps`).
+  """
   from tfx.model import build_model, presets
   config = presets.resolve(config)
   devices = _devices(num_devices)
@@ -109,10 +154,15 @@ def report(config, num_devices: int | None = None) -> dict:
     compiled = lowered.compile()
   compiled_at = time.perf_counter()
   n_params = state_lib.num_params(state)
-  return {
+  flops = _flops(config, n_params)  # outside the mesh: it builds its own abstract model
+  measured = None
+  if time_steps > 0:
+    with jax.set_mesh(mesh):
+      measured = _time_steps(config, compiled, factory, mesh, time_steps, flops["flops_per_step"])
+  out = {
       "preset": config.model.preset,
       "params": n_params,
-      **_flops(config, n_params),
+      **flops,
       "tokens_per_step": config.global_batch_size * config.seq_len,
       "memory_per_device": _memory(compiled),
       "mesh": {"shape": {k: int(v) for k, v in mesh.shape.items()}, "devices": len(devices),
@@ -123,6 +173,9 @@ def report(config, num_devices: int | None = None) -> dict:
                 "scan_layers": bool(config.model.scan_layers)},
       "seconds": {"lower": round(lowered_at - start, 2), "compile": round(compiled_at - lowered_at, 2)},
   }
+  if measured:
+    out["measured"] = measured
+  return out
 
 
 def main(argv=None) -> int:
@@ -132,6 +185,7 @@ def main(argv=None) -> int:
 
   config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))")
   flags.DEFINE_integer("num_devices", None, "simulate this many CPU devices (the target mesh)")
+  flags.DEFINE_integer("time_steps", 0, "also run the step this many times on random records and time it")
 
   def run(_):
     cfg = flags.FLAGS.config
@@ -141,7 +195,9 @@ def main(argv=None) -> int:
     if flags.FLAGS.num_devices:
       simulate_cpu_devices(flags.FLAGS.num_devices)
     try:
-      out = report(cfg, flags.FLAGS.num_devices)
+      if flags.FLAGS.time_steps < 0:
+        raise DryRunError(f"--time_steps must be >= 0, got {flags.FLAGS.time_steps}")
+      out = report(cfg, flags.FLAGS.num_devices, flags.FLAGS.time_steps)
     except (DryRunError, mesh_lib.MeshError) as e:
       print(f"tfx.dryrun: {e}", file=sys.stderr)
       return 2

@@ -58,3 +58,52 @@ def check(record: dict, seq_len: int, patch_dim: int) -> None:
     if tuple(a.shape[-len(shape):]) != shape or a.dtype != FIELDS[k]:
       raise ValueError(f"record field {k!r}: expected [..., {shape}] {np.dtype(FIELDS[k])}, "
                        f"got {tuple(a.shape)} {a.dtype}")
+
+
+def random_batch(rng: np.random.Generator, batch: int, seq_len: int, n: int, patch_dim: int,
+                 vocab: int, max_images: int = 3, min_segments: int = 1, boi: int = 1, eoi: int = 2
+                 ) -> dict[str, np.ndarray]:
+  """Random records packed with segments of text runs and 0..max_images images (boi, n patches, eoi).
+
+  Valid input for the model and losses at any size: the tests' batches and the dry run's timed steps.
+  """
+  out = zeros(seq_len, patch_dim, (batch,))
+  for b in range(batch):
+    items, seg = [], 0
+    while True:
+      seg += 1
+      fit = max(0, (seq_len - len(items) - 5) // (n + 5))  # images that still fit with some text
+      n_img = int(rng.integers(0, min(max_images, fit) + 1))
+      seg_items = []
+      for _ in range(n_img):
+        seg_items += [("text", int(rng.integers(3, vocab))) for _ in range(int(rng.integers(0, 4)))]
+        limited = int(rng.integers(0, 2))
+        seg_items += [("text", boi)] + [("image", limited)] * n + [("text", eoi)]
+      seg_items += [("text", int(rng.integers(3, vocab))) for _ in range(int(rng.integers(1, 6)))]
+      if len(items) + len(seg_items) > seq_len:
+        break
+      items += [(seg, kind, v) for kind, v in seg_items]
+      if seg >= min_segments and rng.random() < 0.3:
+        break
+    image_count, pos, prev_seg = 0, 0, 0
+    for i, (seg_id, kind, v) in enumerate(items):
+      pos = pos + 1 if seg_id == prev_seg else 0
+      prev_seg = seg_id
+      out["segment_ids"][b, i] = seg_id
+      out["positions"][b, i] = pos
+      if kind == "image":
+        if i == 0 or items[i - 1][1] != "image":
+          image_count += 1
+        out["modality"][b, i] = IMAGE
+        out["image_ids"][b, i] = image_count
+        out["noise_limited"][b, i] = v
+        out["patches"][b, i] = rng.normal(size=patch_dim)
+      else:
+        out["tokens"][b, i] = v
+    for i in range(len(items) - 1):
+      same = out["segment_ids"][b, i + 1] == out["segment_ids"][b, i]
+      if same:
+        out["lm_targets"][b, i] = out["tokens"][b, i + 1]
+      text_pair = out["modality"][b, i] == TEXT and out["modality"][b, i + 1] == TEXT
+      out["lm_mask"][b, i] = float(same and text_pair)
+  return out
