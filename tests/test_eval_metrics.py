@@ -247,8 +247,12 @@ def test_captioning_perfect_captioner_and_wrong_captions(scenes):
            "below": "to the right of"}
   swapped = [r if shapes.parse_caption(r).kind != "relation" else
              r.replace(shapes.parse_caption(r).relation, other[shapes.parse_caption(r).relation]) for r in refs]
-  s = captioning.summarize(swapped, refs, images, shapes.score, meaning=meaning)
+  s = captioning.summarize(swapped, refs, images, shapes.score, meaning=meaning,
+                           kinds=[p.kind for p in prompts])
   assert s["caption_exact_match"] == pytest.approx(2 / 3)
+  # ... and the per-kind rates say which kind failed
+  assert (s["caption_exact_match_single"], s["caption_exact_match_count"],
+          s["caption_exact_match_relation"]) == (1.0, 1.0, 0.0)
   for m in (None, meaning):
     wrong = captioning.summarize(["a purple circle"] * len(refs), refs, images, shapes.score, meaning=m)
     assert wrong["caption_scorer_pass"] < 0.2 and wrong["caption_exact_match"] <= 1 / len(refs)

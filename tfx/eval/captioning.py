@@ -43,8 +43,10 @@ def read_back_verdict(image: np.ndarray, caption: str, scorer: Scorer) -> bool:
 
 def summarize(generated: Sequence[str], references: Sequence[str], images_NHWC: np.ndarray,
               scorer: Scorer | None, held_out: Sequence[bool] | None = None,
-              meaning: Callable[[str], Hashable] | None = None) -> dict[str, float]:
-  """Rates in [0, 1] (`caption_exact_match` in meaning when `meaning` is given, else as text;
+              meaning: Callable[[str], Hashable] | None = None,
+              kinds: Sequence[str] | None = None) -> dict[str, float]:
+  """Rates in [0, 1] (`caption_exact_match` in meaning when `meaning` is given, else as text,
+  and per caption kind as `caption_exact_match_<kind>` when `kinds` are given;
   `caption_exact_text`; `caption_scorer_pass` when a scorer is given) and `caption_cider_d`
   (0..10) over the items of seen combinations, and `caption_heldout_*` rates over the
   held-out items (never mixed). `caption_num` counts the first group."""
@@ -64,6 +66,10 @@ def summarize(generated: Sequence[str], references: Sequence[str], images_NHWC: 
                caption_cider_d=float(cider_mean))
     if passed is not None:
       out["caption_scorer_pass"] = float(passed[seen].mean())
+    if kinds is not None:
+      kind_N = np.asarray(kinds)
+      for kind in dict.fromkeys(kind_N[seen]):
+        out[f"caption_exact_match_{kind}"] = float(exact[seen][kind_N[seen] == kind].mean())
   out["caption_num"] = float(len(seen))
   if held_N.any():
     out["caption_heldout_exact_match"] = float(exact[held_N].mean())

@@ -65,7 +65,8 @@ def caption_scores(pairs: eval_set.PairSet, generated: list[str]) -> dict[str, f
   scorer, meaning = (shapes.score, lambda text: shapes.parse_caption(text).canonical()) if pairs.has_kinds \
       else (None, None)
   return captioning.summarize(generated, pairs.captions, pairs.images, scorer,
-                              held_out=[p.held_out for p in pairs.prompts], meaning=meaning)
+                              held_out=[p.held_out for p in pairs.prompts], meaning=meaning,
+                              kinds=[p.kind for p in pairs.prompts] if pairs.has_kinds else None)
 
 
 def perplexities(config, model, gen, pairs: eval_set.PairSet, *, text_records: int,
