@@ -50,11 +50,13 @@ def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, cap
   assert record["step"] == 2 and m["t2i_num"] == 6 and m["caption_num"] == 6
   for key in ("t2i_pass", "t2i_pass_single", "t2i_pass_count", "t2i_pass_relation", "t2i_color_acc",
               "t2i_position_acc", "t2i_heldout_pass", "t2i_pass@cfg1_steps2", "caption_exact_match",
-              "caption_scorer_pass", "caption_heldout_exact_match"):
+              "caption_scorer_pass", "caption_heldout_exact_match", "caption_exact_match_single",
+              "caption_exact_match_count", "caption_exact_match_relation"):
     assert 0.0 <= m[key] <= 1.0, key
   for key in ("ppl_text", "ppl_caption", "ppl_caption_given_image", "fd_shapesnet", "caption_cider_d"):
     assert math.isfinite(m[key]) and m[key] >= 0, key
-  assert m["ppl_text"] > 1 and len(record["caption_samples"]) == 9
+  assert m["ppl_text"] > 1 and len(record["captions"]) == 9  # every generated caption, with its reference
+  assert {c["kind"] for c in record["captions"]} == {"single", "count", "relation"}
   assert os.path.isfile(os.path.join(workdir, "eval", "2.png"))
   assert "text-to-image pass" in out and "perplexity held-out text" in out and "cfg1_steps2" in out
   assert "6 test pairs (rates below), 3 held-out" in out

@@ -1,9 +1,10 @@
 """`python -m tfx.evaluate --workdir=W`: scores a trained checkpoint; `quick_eval` for training.
 
-Writes WORKDIR/eval/<step>.json (metrics, options, sample captions), a PNG grid of
-the first 24 generated images beside it (prompts listed in the JSON), TensorBoard scalars under WORKDIR/tensorboard
-(tag eval/<metric>), and prints a short table. Sweeps: several --cfg_scales
-and/or --steps evaluate text-to-image once per combination.
+Writes WORKDIR/eval/<step>.json (metrics, options, every generated caption with its
+reference), a PNG grid of the first 24 generated images beside it (prompts listed in the
+JSON), TensorBoard scalars under WORKDIR/tensorboard (tag eval/<metric>), and prints a
+short table. Sweeps: several --cfg_scales and/or --steps evaluate text-to-image once per
+combination.
 """
 import argparse
 import dataclasses
@@ -117,10 +118,10 @@ def write_results(workdir: str, step: int, result: suite.Result, options: suite.
   out_dir = os.path.join(workdir, EVAL_SUBDIR)
   os.makedirs(out_dir, exist_ok=True)
   path = _free_path(out_dir, str(step), ".json")
-  samples = [{"reference": p.caption, "generated": c, "held_out": p.held_out}
-             for p, c in zip(result.pairs.prompts[:24], result.captions[:24])]
+  captions = [{"reference": p.caption, "generated": c, "kind": p.kind, "held_out": p.held_out}
+              for p, c in zip(result.pairs.prompts, result.captions)]
   record = {"step": step, "metrics": result.metrics, "options": dataclasses.asdict(options),
-            "caption_samples": samples, "t2i_prompts": result.pairs.captions[:24]}
+            "captions": captions, "t2i_prompts": result.pairs.captions[:24]}
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1)
