@@ -91,7 +91,7 @@ def _flops(config, n_params: int) -> dict:
 
 
 def _random_batch(config, mesh, rng: np.random.Generator) -> dict:
-  """One global batch of random records (the paper's caption length, images up to the config's cap)."""
+  """One global batch of random packed records: text runs and whole images, up to the config's cap."""
   p_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
   n = patching.num_patches(config.image.resolution // config.autoencoder.downsample,
                           config.image.patch_size)
