@@ -152,13 +152,11 @@ def report(config, num_devices: int | None = None, time_steps: int = 0) -> dict:
     lowered = step.lower(state, batch)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
-  compiled_at = time.perf_counter()
-  n_params = state_lib.num_params(state)
-  flops = _flops(config, n_params)  # outside the mesh: it builds its own abstract model
-  measured = None
-  if time_steps > 0:
-    with jax.set_mesh(mesh):
-      measured = _time_steps(config, compiled, factory, mesh, time_steps, flops["flops_per_step"])
+    compiled_at = time.perf_counter()
+    n_params = state_lib.num_params(state)
+    flops = _flops(config, n_params)
+    measured = (_time_steps(config, compiled, factory, mesh, time_steps, flops["flops_per_step"])
+                if time_steps > 0 else None)
   out = {
       "preset": config.model.preset,
       "params": n_params,
