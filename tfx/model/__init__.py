@@ -2,6 +2,7 @@
 
   build_model(config, rngs) -> Transfusion         config = full tfx config; preset applied
   model(batch, t_BL, *, cache=None) -> (logits_BLV, patch_out_BLP, new_cache)
+  model.features(batch, t_BL) -> (h_BLD, patch_out_BLP, new_cache); model.logits(h_BLD) -> logits
   model.init_cache(batch_size, max_len) -> KVCache  protocol in tfx/model/attention.py
   presets.resolve(config), flops.report(config)
 """

@@ -128,8 +128,11 @@ class Transfusion(nnx.Module):
                                   segment_BS, offset + L)
     return x_BLD, new_cache
 
-  def __call__(self, batch, t_BL, *, cache=None):
-    """(logits_BLV fp32, patch_out_BLP fp32 (0 off images), new_cache); batch fields per tfx/record.py."""
+  def features(self, batch, t_BL, *, cache=None):
+    """(h_BLD: final-normed hidden states, patch_out_BLP fp32 (0 off images), new_cache).
+
+    The LM head is left to the caller (`logits`), so a loss can apply it to text positions only.
+    """
     modality_BL = batch["modality"]
     segment_BL, positions_BL = batch["segment_ids"], batch["positions"]
     is_image_BL1 = (modality_BL == record.IMAGE)[..., None]
@@ -139,11 +142,20 @@ class Transfusion(nnx.Module):
     x_BLD = mesh.constrain(x_BLD, _ACT)
     horizon_BL = attention.horizon(batch["image_ids"], modality_BL)
     x_BLD, new_cache = self._run_blocks(x_BLD, positions_BL, segment_BL, horizon_BL, cache)
-    x_BLD = self.final_norm(x_BLD)
+    h_BLD = self.final_norm(x_BLD)
+    patch_out_BLP = jnp.where(is_image_BL1, self.patches.decode(h_BLD, ctx), 0.0)
+    return h_BLD, patch_out_BLP, new_cache
+
+  def logits(self, h_BLD):
+    """The LM head on final-normed hidden states: [..., D] -> fp32 [..., V]."""
     if self.lm_head is None:
-      logits_BLV = self.embed.attend(x_BLD)
+      logits = self.embed.attend(h_BLD)
     else:
-      logits_BLV = self.lm_head(x_BLD)
-    logits_BLV = mesh.constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
-    patch_out_BLP = jnp.where(is_image_BL1, self.patches.decode(x_BLD, ctx), 0.0)
+      logits = self.lm_head(h_BLD)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, batch, t_BL, *, cache=None):
+    """(logits_BLV fp32, patch_out_BLP fp32 (0 off images), new_cache); batch fields per tfx/record.py."""
+    h_BLD, patch_out_BLP, new_cache = self.features(batch, t_BL, cache=cache)
+    logits_BLV = mesh.constrain(self.logits(h_BLD), ("act_batch", "act_len", "act_vocab"))
     return logits_BLV, patch_out_BLP, new_cache
