@@ -15,7 +15,7 @@ from tfx import config as config_lib
 CONFIG_FILE = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 # Keys whose change alters param shapes or structure; a resume must keep them.
-_SHAPE_IGNORED_MODEL_KEYS = {"dtype", "remat"}
+_SHAPE_IGNORED_MODEL_KEYS = {"dtype", "remat", "attention"}
 
 
 class NoCheckpointError(FileNotFoundError):

@@ -39,7 +39,11 @@ def default() -> ml_collections.ConfigDict:
   m.unet_blocks_per_level = 1        # residual blocks per U-Net level
   m.t_embed_dim = 256                # sinusoidal timestep features before the MLP
   m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
-  m.remat = "none"                   # activation checkpointing: "none", "full", "dots"
+  m.attention = "auto"               # "dense" ([L, S] mask), "flash" (tfx/model/flash.py; Pallas interpret
+                                     # mode on CPU), "auto" (flash on GPUs, dense elsewhere)
+  m.remat = "none"                   # per-block remat, by what it keeps: "none" (all), "full" (nothing),
+                                     # "dots" (matmul outputs), "attention" (attention outputs),
+                                     # "dots_offload" (matmul outputs in host memory)
   m.scan_layers = False              # stack blocks with nnx.scan (faster compile at depth)
 
   # -- images: what one image is in the sequence ----------------------------

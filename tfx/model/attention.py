@@ -7,8 +7,13 @@ The mask, per query i and key j (indices into the sequence):
 with horizon[i] = i for a text position and the index of the last patch of
 its image for an image patch. So text is causal, the patches of one image see
 each other (and everything before the image), and nothing crosses packed
-segments or touches padding (segment 0). On CPU this becomes a dense [L, S]
-boolean mask; an accelerator kernel can use the same two vectors to skip blocks.
+segments or touches padding (segment 0). `model.attention` picks how it is computed:
+"dense" builds the [L, S] boolean mask (CPU, and TPU until the kernel has a TPU
+lowering); "flash" runs tfx/model/flash.py, which takes the two vectors and skips
+every tile they hide (on CPU in Pallas interpret mode: slow, exact); "auto" is
+flash on GPUs and dense elsewhere. Generation (a KV cache) stays dense: its
+queries are one token or one image's patches against at most max_len keys, so the
+scores are [n, S], never [L, S].
 
 KV cache (for generation; training passes cache=None):
 
@@ -28,13 +33,16 @@ and must fit: length + L <= max_len (checked when length is concrete; under
 jit the caller sizes the cache, as an overflowing write would be clamped).
 RoPE uses the batch's `positions`, so rows may be left-padded with segment 0.
 """
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tfx import mesh, record
-from tfx.model import layers
+from tfx.model import flash, layers
 
 _NEG = -1e30
 
@@ -79,6 +87,56 @@ def dense_mask(q_segment_BL, q_horizon_BL, k_segment_BS):
   return same_BLS & (jnp.arange(S)[None, None, :] <= q_horizon_BL[:, :, None])
 
 
+IMPLEMENTATIONS = ("auto", "dense", "flash")
+
+
+def implementation(name: str) -> str:
+  """config.model.attention resolved for this backend: "dense", "flash" or "flash_interpret"."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"model.attention must be one of {IMPLEMENTATIONS}, got {name!r}")
+  backend = jax.default_backend()
+  if name == "auto":
+    return "flash" if backend == "gpu" else "dense"
+  if name == "flash" and backend == "tpu":
+    raise ValueError("model.attention='flash' has no TPU lowering yet (its kernels use Pallas' Triton "
+                     "lowering); use 'dense' or 'auto' on TPU")
+  if name == "flash" and backend != "gpu":
+    return "flash_interpret"
+  return name
+
+
+@flax.struct.dataclass
+class Mask:
+  """The mask as data for one forward: query segments and absolute horizons, key segments, and
+  the dense [B, L, S] matrix when the dense path needs it (None for flash)."""
+  segment_BL: jax.Array
+  horizon_BL: jax.Array
+  k_segment_BS: jax.Array
+  dense_BLS: jax.Array | None = None
+
+
+def make_mask(segment_BL, horizon_BL, k_segment_BS, impl: str) -> Mask:
+  dense = None if impl.startswith("flash") else dense_mask(segment_BL, horizon_BL, k_segment_BS)
+  return Mask(segment_BL, horizon_BL, k_segment_BS, dense)
+
+
+def _sharded_flash(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL, interpret: bool):
+  """flash_attention, run per shard under the current mesh (batch over the data-like axes, heads
+  over tensor): a Pallas call is opaque to XLA's partitioner, which would gather it whole."""
+  run = lambda q, k, v, s, h: flash.flash_attention(q, k, v, s, h, interpret=interpret)
+  abstract_mesh = jax.sharding.get_abstract_mesh()
+  if abstract_mesh is None or abstract_mesh.empty:
+    return run(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL)
+  qkv_spec = mesh.logical_to_spec(("act_batch", "act_len", "act_heads", "act_kv"))
+  row_spec = mesh.logical_to_spec(("act_batch", "act_len"))
+  splits = lambda spec, dim: math.prod(abstract_mesh.shape[a] for a in jax.tree.leaves(spec[dim]))
+  if (q_BLHK.shape[0] % splits(qkv_spec, 0) or q_BLHK.shape[2] % splits(qkv_spec, 2)
+      or k_BLGK.shape[2] % splits(qkv_spec, 2)):
+    return run(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL)
+  return jax.shard_map(run, mesh=abstract_mesh, in_specs=(qkv_spec,) * 3 + (row_spec,) * 2,
+                       out_specs=qkv_spec, check_vma=False)(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL)
+
+
 # Queries per block on long sequences: each block is rematerialized in the backward
 # pass, so the fp32 scores live as [.., 512, S], never [.., L, S] (7B on 64 devices
 # at 2M-token batches: 101 -> 35 GiB per device, measured with tfx.dryrun).
@@ -119,7 +177,7 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qk_norm: bool,
-               rope_theta: float, norm_eps: float, rngs: nnx.Rngs, dtype=jnp.float32):
+               rope_theta: float, norm_eps: float, rngs: nnx.Rngs, dtype=jnp.float32, impl: str = "dense"):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     self.q = layers.Dense((d_model,), (n_heads, head_dim), ("embed", "heads", "head_dim"),
@@ -133,11 +191,12 @@ class Attention(nnx.Module):
     self.q_norm = layers.RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
     self.k_norm = layers.RMSNorm(head_dim, eps=norm_eps, rngs=rngs) if qk_norm else None
     self.rope_theta = rope_theta
+    self.impl = impl
 
-  def __call__(self, x_BLD, positions_BL, mask_BLS, layer_cache=None):
+  def __call__(self, x_BLD, positions_BL, mask: Mask, layer_cache=None):
     """Returns (out_BLD, (k, v)). Without a cache the keys are the L new positions (S = L); with
     layer_cache=(k_BSGK, v_BSGK, offset) the new keys/values are written at `offset` and the full
-    updated buffers are returned. mask_BLS comes from `dense_mask` (shared by all layers)."""
+    updated buffers are returned. `mask` comes from `make_mask` (shared by all layers)."""
     q_BLHK = self.q(x_BLD)
     k_BLGK = self.k(x_BLD)
     v_BLGK = self.v(x_BLD)
@@ -152,5 +211,11 @@ class Attention(nnx.Module):
       k_cache, v_cache, offset = layer_cache
       k_BSGK = jax.lax.dynamic_update_slice(k_cache, k_BLGK.astype(k_cache.dtype), (0, offset, 0, 0))
       v_BSGK = jax.lax.dynamic_update_slice(v_cache, v_BLGK.astype(v_cache.dtype), (0, offset, 0, 0))
-    out_BLHK = dot_attention(q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype), mask_BLS)
+    if mask.dense_BLS is None:
+      out_BLHK = _sharded_flash(q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype), mask.segment_BL,
+                                mask.horizon_BL, self.impl == "flash_interpret")
+    else:
+      out_BLHK = dot_attention(q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype),
+                               mask.dense_BLS)
+    out_BLHK = checkpoint_name(out_BLHK, "attention_out")
     return self.o(out_BLHK), (k_BSGK, v_BSGK)

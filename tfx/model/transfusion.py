@@ -30,26 +30,39 @@ class Block(nnx.Module):
     dtype = layers.compute_dtype(m.dtype)
     self.attn_norm = layers.RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs)
     self.attn = attention.Attention(m.d_model, m.n_heads, m.n_kv_heads, d["head_dim"], qk_norm=m.qk_norm,
-                                    rope_theta=m.rope_theta, norm_eps=m.norm_eps, rngs=rngs, dtype=dtype)
+                                    rope_theta=m.rope_theta, norm_eps=m.norm_eps, rngs=rngs, dtype=dtype,
+                                    impl=attention.implementation(m.attention))
     self.mlp_norm = layers.RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs)
     self.mlp = layers.SwiGLU(m.d_model, d["mlp_dim"], rngs=rngs, dtype=dtype)
 
-  def __call__(self, x_BLD, positions_BL, mask_BLS, layer_cache=None):
-    h_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, mask_BLS, layer_cache)
+  def __call__(self, x_BLD, positions_BL, mask, layer_cache=None):
+    h_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, mask, layer_cache)
     x_BLD = mesh.constrain(x_BLD + h_BLD, _ACT)
     x_BLD = mesh.constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), _ACT)
     return x_BLD, kv
 
 
+# model.remat: what each block keeps for the backward pass (one remat level, around the block);
+# everything else is recomputed. "none" keeps everything (no remat).
+_POLICIES = {
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,  # keeps only the block's input
+    "dots": lambda: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # matmul outputs
+    "attention": lambda: jax.checkpoint_policies.save_only_these_names(  # attention outputs (+ lse)
+        "attention_out", "attention_lse"),
+    "dots_offload": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(  # matmul outputs,
+        "device", "pinned_host"),                                                   # in host memory
+}
+REMAT = ("none",) + tuple(_POLICIES)
+
+
 def _remat_policy(name: str):
-  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
-  if name not in policies:
-    raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {name!r}")
-  return policies[name]
+  if name not in _POLICIES:
+    raise ValueError(f"model.remat must be one of {REMAT}, got {name!r}")
+  return _POLICIES[name]()
 
 
-def _block_step(block, x_BLD, positions_BL, mask_BLS, layer_cache):
-  return block(x_BLD, positions_BL, mask_BLS, layer_cache)
+def _block_step(block, x_BLD, positions_BL, mask, layer_cache):
+  return block(x_BLD, positions_BL, mask, layer_cache)
 
 
 class Transfusion(nnx.Module):
@@ -62,6 +75,7 @@ class Transfusion(nnx.Module):
     self.head_dim = dims(config)["head_dim"]
     self.scan_layers = bool(m.scan_layers)
     self.remat = m.remat
+    self.attention_impl = attention.implementation(m.attention)
     if self.remat != "none":
       _remat_policy(self.remat)
     self.embed = layers.Embed(m.vocab_size, m.d_model, rngs=rngs, dtype=self.dtype)
@@ -92,15 +106,15 @@ class Transfusion(nnx.Module):
   def _run_blocks(self, x_BLD, positions_BL, segment_BL, horizon_BL, cache):
     step = self._step_fn()
     if cache is None:
-      mask_BLS = attention.dense_mask(segment_BL, horizon_BL, segment_BL)
+      mask = attention.make_mask(segment_BL, horizon_BL, segment_BL, self.attention_impl)
       if self.scan_layers:
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def run(x, block):
-          return step(block, x, positions_BL, mask_BLS, None)[0]
+          return step(block, x, positions_BL, mask, None)[0]
         return run(x_BLD, self.blocks), None
       for block in self.blocks:
-        x_BLD = step(block, x_BLD, positions_BL, mask_BLS, None)[0]
+        x_BLD = step(block, x_BLD, positions_BL, mask, None)[0]
       return x_BLD, None
 
     offset, L = cache.length, segment_BL.shape[1]
@@ -109,18 +123,18 @@ class Transfusion(nnx.Module):
                        f"holding {offset}")
     segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_BL.astype(jnp.int32),
                                               (0, offset))
-    mask_BLS = attention.dense_mask(segment_BL, horizon_BL + offset, segment_BS)
+    mask = attention.make_mask(segment_BL, horizon_BL + offset, segment_BS, "dense")
     if self.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run(x, block, k_BSGK, v_BSGK):
-        x, kv = step(block, x, positions_BL, mask_BLS, (k_BSGK, v_BSGK, offset))
+        x, kv = step(block, x, positions_BL, mask, (k_BSGK, v_BSGK, offset))
         return x, kv
       x_BLD, (k_N, v_N) = run(x_BLD, self.blocks, cache.k_NBSGK, cache.v_NBSGK)
     else:
       ks, vs = [], []
       for i, block in enumerate(self.blocks):
-        x_BLD, (k, v) = step(block, x_BLD, positions_BL, mask_BLS, (cache.k_NBSGK[i], cache.v_NBSGK[i], offset))
+        x_BLD, (k, v) = step(block, x_BLD, positions_BL, mask, (cache.k_NBSGK[i], cache.v_NBSGK[i], offset))
         ks.append(k)
         vs.append(v)
       k_N, v_N = jnp.stack(ks), jnp.stack(vs)
