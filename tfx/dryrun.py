@@ -101,8 +101,16 @@ def _random_batch(config, mesh, rng: np.random.Generator) -> dict:
 
 
 def _time_steps(config, compiled, factory, mesh, steps: int, flops_per_step: float) -> dict:
-  """Runs the compiled step `steps` times (after one warm-up) on random records: time and memory."""
+  """Runs the compiled step `steps` times (after one warm-up) on random records: time and memory.
+
+  Skipped, saying why, when XLA's estimate of the step's memory exceeds the device's.
+  """
   from tfx import metrics
+  need = _memory(compiled).get("total_gib")
+  limit = (mesh.devices.flatten()[0].memory_stats() or {}).get("bytes_limit")
+  if need and limit and need * GIB > limit:
+    return {"skipped": f"the step needs {need} GiB per device by XLA's estimate; the device has "
+                       f"{limit / GIB:.1f} GiB"}
   state = factory.init()
   batch = _random_batch(config, mesh, np.random.default_rng(config.seed))
   state, out = compiled(state, batch)
