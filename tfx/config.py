@@ -41,6 +41,7 @@ def default() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
   m.remat = "none"                   # activation checkpointing: "none", "full", "dots"
   m.scan_layers = False              # stack blocks with nnx.scan (faster compile at depth)
+  m.loss_chunk = 512                 # LM loss: positions per row whose logits exist at once (0 = all: [B, L, V])
 
   # -- images: what one image is in the sequence ----------------------------
   c.image = im = ml_collections.ConfigDict()
