@@ -111,6 +111,7 @@ def default() -> ml_collections.ConfigDict:
   o.weight_decay = 0.1               # not applied to norms, biases and embeddings
   o.grad_clip = 1.0                  # global-norm clip
   o.ema_decay = 0.0                  # 0 = no EMA copy of the params
+  o.grad_accum_steps = 1             # micro-batches per step (global_batch_size / this rows each); 1 = none
 
   # -- mesh: logical axes -> devices (-1 = fill with the remaining devices) --
   c.mesh = ms = ml_collections.ConfigDict()

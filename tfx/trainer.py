@@ -54,6 +54,16 @@ def validate(config, workdir) -> jax.sharding.Mesh:
   if config.global_batch_size % jax.process_count():
     raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by the "
                       f"{jax.process_count()} processes")
+  accum = config.optim.grad_accum_steps
+  if accum < 1:
+    raise ConfigError(f"optim.grad_accum_steps must be >= 1, got {accum}")
+  if config.global_batch_size % accum:
+    raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by "
+                      f"optim.grad_accum_steps {accum}")
+  if accum > 1 and (config.global_batch_size // accum) % dp:
+    raise ConfigError(f"micro-batches of {config.global_batch_size // accum} rows (global_batch_size "
+                      f"{config.global_batch_size} / optim.grad_accum_steps {accum}) are not divisible by "
+                      f"the data-parallel size {dp} (mesh data*fsdp = {dict(mesh.shape)})")
   _check_workdir_writable(workdir)
   try:
     ckpt_lib.check_resumable(workdir, config)
