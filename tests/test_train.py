@@ -227,6 +227,14 @@ def test_sigterm_saves_and_resume_is_exact_even_on_another_mesh(uninterrupted, t
   np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], atol=1e-4)
 
 
+def test_profile_steps_write_a_trace_tensorboard_finds(tmp_path):
+  trainer.run(tiny_config(**{"mesh.data": 8, "profile_start_step": 1, "profile_steps": 2,
+                             "checkpoint_every_steps": 0}), tmp_path)
+  traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 1000
+  assert b"train_step" in traces[0].read_bytes()  # the traced window holds the jitted step
+
+
 class _PoisonedAt:
   """Wraps a checkpointable iterator; the batch for step `bad_step` gets NaN patches."""
 

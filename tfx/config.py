@@ -17,6 +17,8 @@ def default() -> ml_collections.ConfigDict:
   c.sample_prompts = (               # captions drawn into WORKDIR/samples/ every sample_every_steps
       "a red circle", "two blue squares", "a green triangle to the left of a yellow square",
       "three purple circles")
+  c.profile_start_step = 10          # first step of the jax.profiler trace (after the compile at step 0)
+  c.profile_steps = 0                # steps traced into WORKDIR/tensorboard/plugins/profile on process 0 (0 = off)
   c.stop_after_step = 0              # end this run early at this step, after a checkpoint (0 = total_steps); the schedule still spans total_steps
 
   # -- model: a Llama-style decoder plus modality layers ---------------------
