@@ -1,4 +1,4 @@
-"""transfusion_loss against a numpy float64 reference; masking, timesteps, empty modalities; the chunked LM head."""
+"""transfusion_loss against a numpy float64 reference; masking, timesteps, empty modalities; chunked head."""
 import math
 
 import jax
@@ -169,7 +169,8 @@ def _full_logits_loss(model, batch, rng, config):
   is_image_BL1 = (batch["modality"] == record.IMAGE)[..., None]
   x_t_BLP = jnp.where(is_image_BL1, diffusion.q_sample(schedule, x0_BLP, t_BL, eps_BLP), 0.0)
   logits_BLV, out_BLP, _ = model(dict(batch, patches=x_t_BLP), t_BL.astype(jnp.float32))
-  ce_BL = jax.nn.logsumexp(logits_BLV, -1) - jnp.take_along_axis(logits_BLV, batch["lm_targets"][..., None], -1)[..., 0]
+  target_BL = jnp.take_along_axis(logits_BLV, batch["lm_targets"][..., None], -1)[..., 0]
+  ce_BL = jax.nn.logsumexp(logits_BLV, -1) - target_BL
   lm = jnp.sum(ce_BL * batch["lm_mask"]) / jnp.maximum(batch["lm_mask"].sum(), 1.0)
   target_BLP = diffusion.target(schedule, x0_BLP, t_BL, eps_BLP, d.prediction)
   diff_sum, images = losses.diffusion_sum(out_BLP, target_BLP, losses.snr_weight(schedule, t_BL, d),
@@ -221,5 +222,6 @@ def test_chunks_past_every_rows_text_are_skipped():
   # Only the first of the 5 chunks holds text (at most 5 text positions per row): count head calls.
   seen = []
   counting = lambda h_BCD: (jax.debug.callback(lambda: seen.append(1)), head(h_BCD))[1]
-  jax.jit(lambda m: losses.chunked_nll_sum(counting, h, targets, m, 8)[0])(jnp.asarray(mask)).block_until_ready()
+  counted = jax.jit(lambda m: losses.chunked_nll_sum(counting, h, targets, m, 8)[0])
+  jax.block_until_ready(counted(jnp.asarray(mask)))
   assert len(seen) == 1

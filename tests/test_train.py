@@ -142,7 +142,7 @@ def test_grad_accumulation_equals_one_full_batch_step(batches):
 
 
 def test_grad_accum_steps_must_divide_the_batch(tmp_path):
-  with pytest.raises(trainer.ConfigError, match="global_batch_size 8 is not divisible by optim.grad_accum_steps 3"):
+  with pytest.raises(trainer.ConfigError, match="batch_size 8 is not divisible by optim.grad_accum_steps 3"):
     trainer.validate(tiny_config(**{"optim.grad_accum_steps": 3}), tmp_path)
   with pytest.raises(trainer.ConfigError, match="micro-batches of 2 rows .* data-parallel size 8"):
     trainer.validate(tiny_config(**{"optim.grad_accum_steps": 4, "mesh.data": 8}), tmp_path)

@@ -18,7 +18,7 @@ def default() -> ml_collections.ConfigDict:
       "a red circle", "two blue squares", "a green triangle to the left of a yellow square",
       "three purple circles")
   c.profile_start_step = 10          # first step of the jax.profiler trace (after the compile at step 0)
-  c.profile_steps = 0                # steps traced into WORKDIR/tensorboard/plugins/profile on process 0 (0 = off)
+  c.profile_steps = 0                # steps traced (process 0) into WORKDIR/tensorboard/plugins/profile; 0 = off
   c.stop_after_step = 0              # end this run early at this step, after a checkpoint (0 = total_steps); the schedule still spans total_steps
 
   # -- model: a Llama-style decoder plus modality layers ---------------------
@@ -43,7 +43,7 @@ def default() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
   m.remat = "none"                   # activation checkpointing: "none", "full", "dots"
   m.scan_layers = False              # stack blocks with nnx.scan (faster compile at depth)
-  m.loss_chunk = 512                 # LM loss: positions per row whose logits exist at once (0 = all: [B, L, V])
+  m.loss_chunk = 512                 # LM loss: positions per row with logits held at once (0 = all [B, L, V])
 
   # -- images: what one image is in the sequence ----------------------------
   c.image = im = ml_collections.ConfigDict()

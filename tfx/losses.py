@@ -74,7 +74,7 @@ def _nll_sum(head, h_BCD, targets_BC, mask_BC):
 
 
 def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int):
-  """(sum over mask of the cross-entropy of head(h), number of masked tokens), `chunk` positions per row at a time.
+  """(sum over mask of the cross-entropy of head(h), masked tokens), `chunk` positions per row at a time.
 
   Each row's masked (text) positions are first moved to its front (a stable per-row
   sort, so the batch sharding is untouched); chunks then run in a scan, and a chunk
@@ -88,7 +88,7 @@ def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int):
   B, L = targets_BL.shape
   if chunk <= 0 or chunk >= L:
     return _nll_sum(head, h_BLD, targets_BL, mask_BL), count
-  order_BL = jnp.argsort((mask_BL <= 0).astype(jnp.int32), axis=1, stable=True)  # text positions first, in order
+  order_BL = jnp.argsort((mask_BL <= 0).astype(jnp.int32), axis=1, stable=True)  # text first, in order
   h_BLD = jnp.take_along_axis(h_BLD, order_BL[..., None], axis=1)
   targets_BL = jnp.take_along_axis(targets_BL, order_BL, axis=1)
   mask_BL = jnp.take_along_axis(mask_BL, order_BL, axis=1)
@@ -97,7 +97,8 @@ def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int):
   h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
   targets_BL, mask_BL = jnp.pad(targets_BL, ((0, 0), (0, pad))), jnp.pad(mask_BL, ((0, 0), (0, pad)))
   # [B, K*C, ...] -> [K, B, C, ...]: the scan walks chunks; the batch axis keeps its sharding.
-  h_KBCD = mesh.constrain(h_BLD.reshape(B, K, chunk, -1).swapaxes(0, 1), (None, "act_batch", "act_len", "act_embed"))
+  h_KBCD = mesh.constrain(h_BLD.reshape(B, K, chunk, -1).swapaxes(0, 1),
+                          (None, "act_batch", "act_len", "act_embed"))
   targets_KBC = targets_BL.reshape(B, K, chunk).swapaxes(0, 1)
   mask_KBC = mask_BL.reshape(B, K, chunk).swapaxes(0, 1)
   longest = mask_BL.sum(axis=1).max()  # text positions of the row that has the most
