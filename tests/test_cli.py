@@ -89,6 +89,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(env, tmp_path):
       "mesh": (["--config.mesh.data=3"], r"mesh: .*3.* 8 devices"),
       "batch": (["--config.global_batch_size=12"], r"global_batch_size 12 is not divisible by the data-parallel size 8"),
       "model shape": (["--config.model.d_model=64"], r"another model shape \(model\.d_model: 32 -> 64\)"),
+      "grad accumulation": (["--config.optim.grad_accum_steps=3"],
+                            r"global_batch_size 8 is not divisible by optim.grad_accum_steps 3"),
   }
   procs = {}
   for name, (extra, _) in cases.items():

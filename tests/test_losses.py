@@ -1,4 +1,4 @@
-"""transfusion_loss against a numpy float64 reference; masking, timesteps, empty modalities."""
+"""transfusion_loss against a numpy float64 reference; masking, timesteps, empty modalities; chunked head."""
 import math
 
 import jax
@@ -6,10 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tfx.config
-from tfx import losses
+from flax import nnx
 
-from core_batches import random_batch
+import tfx.config
+import tfx.model
+from tfx import diffusion, losses, record
+
+from core_batches import fast_rngs, random_batch
 
 N, P, L, V = 4, 6, 64, 40
 
@@ -20,7 +23,7 @@ class FakeModel:
   def __init__(self, xp, emb, proj, junk=0.0):
     self.xp, self.emb, self.proj, self.junk = xp, emb, proj, junk
 
-  def __call__(self, batch, t_BL):
+  def features(self, batch, t_BL):
     xp = self.xp
     image = (batch["modality"] == 1)[..., None]
     logits = self.emb[batch["tokens"]] + 0.3 * xp.tanh(batch["patches"] @ self.proj) + 1e-3 * t_BL[..., None]
@@ -28,12 +31,19 @@ class FakeModel:
     # junk where the loss must not look: logits off lm_mask, outputs off images
     logits = logits + self.junk * (1 - batch["lm_mask"])[..., None]
     out = out + self.junk * (1 - image)
-    return logits, out, None
+    return logits, out, None  # "hidden states" = the logits; the head below is the identity
+
+  def logits(self, h):
+    return h
+
+  def __call__(self, batch, t_BL):
+    return self.features(batch, t_BL)
 
 
-def _config(prediction="eps", weighting="none"):
+def _config(prediction="eps", weighting="none", chunk=24):
   c = tfx.config.default()
   c.diffusion.prediction, c.diffusion.loss_weighting = prediction, weighting
+  c.model.loss_chunk = chunk  # L = 64 is not a multiple: the last chunk is part padding
   return c
 
 
@@ -79,7 +89,7 @@ _JITTED = {}
 
 def _jax_loss(batch, emb, proj, config, junk=0.0):
   """The loss of FakeModel, one compile per (prediction, weighting) for the module's batch shape."""
-  key = (config.diffusion.prediction, config.diffusion.loss_weighting)
+  key = (config.diffusion.prediction, config.diffusion.loss_weighting, config.model.loss_chunk)
   if key not in _JITTED:
     def loss_fn(b, e, p, j, r):
       loss, metrics = losses.transfusion_loss(FakeModel(jnp, e, p, j), b, r, config)
@@ -90,11 +100,12 @@ def _jax_loss(batch, emb, proj, config, junk=0.0):
                       jnp.float32(junk), jax.random.PRNGKey(7))
 
 
-@pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("v", "min_snr"), ("x0", "none"),
-                                                  ("x0", "min_snr"), ("x0", "clipped_v"), ("v", "clipped_v")])
-def test_loss_matches_float64_reference(setup, prediction, weighting):
+@pytest.mark.parametrize("prediction,weighting,chunk", [
+    ("eps", "none", 24), ("eps", "none", 0), ("v", "min_snr", 24), ("x0", "none", 24),
+    ("x0", "min_snr", 24), ("x0", "clipped_v", 24), ("v", "clipped_v", 16)])
+def test_loss_matches_float64_reference(setup, prediction, weighting, chunk):
   batch, emb, proj = setup
-  config = _config(prediction, weighting)
+  config = _config(prediction, weighting, chunk)
   loss, metrics, (t, eps) = _jax_loss(batch, emb, proj, config)
   ref = _reference(batch, np.asarray(t), np.asarray(eps, np.float64), emb, proj, config.diffusion)
   assert ref[4] >= 4 and ref[3] > 20
@@ -145,3 +156,72 @@ def test_no_images_or_no_text_gives_finite_zero_terms(setup):
   assert np.isfinite(float(loss))
   with pytest.raises(ValueError, match="loss_weighting"):
     _jax_loss(image_only, emb, proj, _config(weighting="snr?"))
+
+
+# -- the chunked LM head on the real model ---------------------------------------------
+
+def _full_logits_loss(model, batch, rng, config):
+  """The loss as it was before chunking: the head on every position, [B, L, V] logits at once."""
+  d = config.diffusion
+  schedule = diffusion.make_schedule(d)
+  t_BL, eps_BLP = losses.draw_timesteps_and_noise(rng, batch, d)
+  x0_BLP = batch["patches"].astype(jnp.float32)
+  is_image_BL1 = (batch["modality"] == record.IMAGE)[..., None]
+  x_t_BLP = jnp.where(is_image_BL1, diffusion.q_sample(schedule, x0_BLP, t_BL, eps_BLP), 0.0)
+  logits_BLV, out_BLP, _ = model(dict(batch, patches=x_t_BLP), t_BL.astype(jnp.float32))
+  target_BL = jnp.take_along_axis(logits_BLV, batch["lm_targets"][..., None], -1)[..., 0]
+  ce_BL = jax.nn.logsumexp(logits_BLV, -1) - target_BL
+  lm = jnp.sum(ce_BL * batch["lm_mask"]) / jnp.maximum(batch["lm_mask"].sum(), 1.0)
+  target_BLP = diffusion.target(schedule, x0_BLP, t_BL, eps_BLP, d.prediction)
+  diff_sum, images = losses.diffusion_sum(out_BLP, target_BLP, losses.snr_weight(schedule, t_BL, d),
+                                          batch["image_ids"], batch["modality"])
+  return lm + d.loss_weight * diff_sum / jnp.maximum(images, 1.0)
+
+
+def test_chunked_head_equals_full_logits_loss_and_gradients():
+  c = tfx.config.default()
+  c.model.preset = "tiny"
+  c.image.resolution, c.image.patch_size, c.autoencoder.latent_channels = 8, 2, 3  # n=16, P=12
+  graphdef, params = nnx.split(tfx.model.build_model(c, fast_rngs(0)))
+  batch = random_batch(np.random.default_rng(4), 3, 72, 16, 12, vocab=200, max_images=2, min_segments=2)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  rng = jax.random.PRNGKey(5)
+
+  def grad_of(loss_fn):
+    return jax.jit(jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p))))(params)
+
+  want, want_g = grad_of(lambda m: _full_logits_loss(m, batch, rng, c))
+  for chunk in (32, 7, 0):  # 72 = 2 x 32 + 8 and 10 x 7 + 2: padded last chunks; 0: one chunk
+    c.model.loss_chunk = chunk
+    got, got_g = grad_of(lambda m: losses.transfusion_loss(m, batch, rng, c)[0])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+  assert float(jnp.abs(want_g["lm_head"]["kernel"][...]).max()) > 1e-3  # the head's gradient is compared
+
+
+def test_chunks_past_every_rows_text_are_skipped():
+  """The head runs only on chunks holding some row's text; text moved to the front of each row."""
+  B, L, D = 2, 40, 3
+  h = jnp.asarray(np.random.default_rng(0).normal(size=(B, L, D)), jnp.float32)
+  mask = np.zeros((B, L), np.float32)
+  mask[0, 30:35] = 1  # 5 text positions at the end of row 0
+  mask[1, [2, 9, 17]] = 1
+  targets = jnp.zeros((B, L), jnp.int32)
+
+  def head(h_BCD):
+    return jnp.concatenate([h_BCD, -h_BCD], -1)
+
+  def ref():
+    logits = head(h)
+    ce = jax.nn.logsumexp(logits, -1) - logits[..., 0]
+    return float((ce * mask).sum())
+
+  nll_at = jax.jit(lambda m: losses.chunked_nll_sum(head, h, targets, m, 8)[0])
+  np.testing.assert_allclose(float(nll_at(jnp.asarray(mask))), ref(), rtol=1e-6)
+  # Only the first of the 5 chunks holds text (at most 5 text positions per row): count head calls.
+  seen = []
+  counting = lambda h_BCD: (jax.debug.callback(lambda: seen.append(1)), head(h_BCD))[1]
+  counted = jax.jit(lambda m: losses.chunked_nll_sum(counting, h, targets, m, 8)[0])
+  jax.block_until_ready(counted(jnp.asarray(mask)))
+  assert len(seen) == 1

@@ -97,6 +97,57 @@ def test_mesh_2x2x2_matches_one_device_and_follows_the_rules(batches):
     assert dict(a.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
+def test_micro_batches_take_every_nth_row():
+  x = jnp.arange(8 * 3).reshape(8, 3)
+  micro = np.asarray(step_lib.split_micro_batches(x, 4))
+  assert micro.shape == (4, 2, 3)
+  for r in range(8):
+    np.testing.assert_array_equal(micro[r % 4, r // 4], np.asarray(x[r]))
+  with pytest.raises(ValueError, match="batch of 8 rows is not divisible by optim.grad_accum_steps=3"):
+    step_lib.split_micro_batches(x, 3)
+
+
+def test_grad_accumulation_equals_one_full_batch_step(batches):
+  """4 micro-batches of 2 rows == one batch of 8 (loss, metrics, updated params), on a 2-way data mesh.
+
+  Two steps: step 0's learning rate is 0 (warmup), step 1 moves the params."""
+  config, data = batches
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1)), jax.devices()[:2])
+  results = {}
+  for accum in (1, 4):
+    c = tiny_config(**{"optim.grad_accum_steps": accum})
+    with jax.set_mesh(mesh):
+      tx = optim.make_optimizer(c)
+      factory = state_lib.StateFactory(c, tx, mesh, build_model)
+      shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in data[0].items()}
+      step = step_lib.jit_train_step(step_lib.train_step_fn(c, factory.graphdef, tx), factory.shardings,
+                                     shardings)
+      batch = jax.device_put(data[0], shardings)
+      if accum > 1:  # the micro-batch split keeps every row on its device: no all-to-all / permute
+        hlo = step.lower(factory.init(), batch).compile().as_text()
+        assert "all-to-all" not in hlo and "collective-permute" not in hlo
+      state, _ = step(factory.init(), batch)
+      state, metrics = step(state, jax.device_put(data[1], shardings))
+      results[accum] = (jax.device_get(metrics), jax.device_get(state.params))
+  (m1, p1), (m4, p4) = results[1], results[4]
+  assert m1["images"] > 4 and m1["text_tokens"] > 50
+  for key in m1:
+    np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  moved = 0.0
+  init = jax.device_get(factory.init().params)
+  for a, b, p0 in zip(jax.tree.leaves(p4), jax.tree.leaves(p1), jax.tree.leaves(init)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    moved = max(moved, float(np.abs(b - p0).max()))
+  assert moved > 1e-4  # the update is not empty
+
+
+def test_grad_accum_steps_must_divide_the_batch(tmp_path):
+  with pytest.raises(trainer.ConfigError, match="batch_size 8 is not divisible by optim.grad_accum_steps 3"):
+    trainer.validate(tiny_config(**{"optim.grad_accum_steps": 3}), tmp_path)
+  with pytest.raises(trainer.ConfigError, match="micro-batches of 2 rows .* data-parallel size 8"):
+    trainer.validate(tiny_config(**{"optim.grad_accum_steps": 4, "mesh.data": 8}), tmp_path)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_moments():
   config = tiny_config(**{"model.dtype": "bfloat16"})
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
@@ -174,6 +225,14 @@ def test_sigterm_saves_and_resume_is_exact_even_on_another_mesh(uninterrupted, t
   got, want = losses_by_step(tmp_path / "b"), losses_by_step(reference)
   assert sorted(got) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], atol=1e-4)
+
+
+def test_profile_steps_write_a_trace_tensorboard_finds(tmp_path):
+  trainer.run(tiny_config(**{"mesh.data": 8, "profile_start_step": 1, "profile_steps": 2,
+                             "checkpoint_every_steps": 0}), tmp_path)
+  traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 1000
+  assert b"train_step" in traces[0].read_bytes()  # the traced window holds the jitted step
 
 
 class _PoisonedAt:

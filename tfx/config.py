@@ -17,6 +17,8 @@ def default() -> ml_collections.ConfigDict:
   c.sample_prompts = (               # captions drawn into WORKDIR/samples/ every sample_every_steps
       "a red circle", "two blue squares", "a green triangle to the left of a yellow square",
       "three purple circles")
+  c.profile_start_step = 10          # first step of the jax.profiler trace (after the compile at step 0)
+  c.profile_steps = 0                # steps traced (process 0) into WORKDIR/tensorboard/plugins/profile; 0 = off
   c.stop_after_step = 0              # end this run early at this step, after a checkpoint (0 = total_steps); the schedule still spans total_steps
 
   # -- model: a Llama-style decoder plus modality layers ---------------------
@@ -45,6 +47,7 @@ def default() -> ml_collections.ConfigDict:
                                      # "dots" (matmul outputs), "attention" (attention outputs),
                                      # "dots_offload" (matmul outputs in host memory)
   m.scan_layers = False              # stack blocks with nnx.scan (faster compile at depth)
+  m.loss_chunk = 512                 # LM loss: positions per row with logits held at once (0 = all [B, L, V])
 
   # -- images: what one image is in the sequence ----------------------------
   c.image = im = ml_collections.ConfigDict()
@@ -114,6 +117,7 @@ def default() -> ml_collections.ConfigDict:
   o.weight_decay = 0.1               # not applied to norms, biases and embeddings
   o.grad_clip = 1.0                  # global-norm clip
   o.ema_decay = 0.0                  # 0 = no EMA copy of the params
+  o.grad_accum_steps = 1             # micro-batches per step (global_batch_size / this rows each); 1 = none
 
   # -- mesh: logical axes -> devices (-1 = fill with the remaining devices) --
   c.mesh = ms = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 """The Transfusion objective: L = lm_loss + lambda * diff_loss, as pure functions.
 
-lm_loss: mean cross-entropy over lm_mask. diff_loss: one timestep per image
+lm_loss: mean cross-entropy over lm_mask, computed by `chunked_nll_sum` without ever
+holding the [B, L, V] logits. diff_loss: one timestep per image
 (per (row, image_id)), drawn on device; noise-limited images draw t <= noise_limit;
 squared error of the eps/v prediction averaged over each image's elements, then
 over the images present. Padding and the other modality contribute nothing; a
@@ -9,7 +10,9 @@ batch with no text or no images gives 0 for that term, never NaN.
 import jax
 import jax.numpy as jnp
 
-from tfx import diffusion, record
+from tfx import diffusion, mesh, record
+
+_LOGITS = ("act_batch", "act_len", "act_vocab")
 
 
 def draw_timesteps_and_noise(rng, batch, diffusion_config):
@@ -25,16 +28,6 @@ def draw_timesteps_and_noise(rng, batch, diffusion_config):
   t_BL = jnp.where(batch["modality"] == record.IMAGE, t_BL, 0)
   eps_BLP = jax.random.normal(eps_rng, batch["patches"].shape, jnp.float32)
   return t_BL, eps_BLP
-
-
-def lm_loss(logits_BLV, targets_BL, mask_BL):
-  """(mean cross-entropy over mask, number of masked tokens)."""
-  logits_BLV = logits_BLV.astype(jnp.float32)
-  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  mask_BL = mask_BL.astype(jnp.float32)
-  count = mask_BL.sum()
-  return jnp.sum((logz_BL - target_logit_BL) * mask_BL) / jnp.maximum(count, 1.0), count
 
 
 def per_image_mean(values_BL, image_ids_BL, is_image_BL):
@@ -64,28 +57,103 @@ def snr_weight(schedule, t_BL, diffusion_config):
   raise ValueError(f"diffusion.loss_weighting must be 'none', 'min_snr' or 'clipped_v', got {kind!r}")
 
 
-def diffusion_loss(out_BLP, target_BLP, weight_BL, image_ids_BL, modality_BL):
-  """(mean over images of weight * mean squared error over the image's elements, images present)."""
+def diffusion_sum(out_BLP, target_BLP, weight_BL, image_ids_BL, modality_BL):
+  """(sum over images of weight * mean squared error over the image's elements, images present)."""
   is_image_BL = modality_BL == record.IMAGE
   err_BL = jnp.mean(jnp.square(out_BLP.astype(jnp.float32) - target_BLP), axis=-1) * weight_BL
   mean_BI, present_BI = per_image_mean(err_BL, image_ids_BL, is_image_BL)
-  images = present_BI.sum().astype(jnp.float32)
-  return jnp.sum(jnp.where(present_BI, mean_BI, 0.0)) / jnp.maximum(images, 1.0), images
+  return jnp.sum(jnp.where(present_BI, mean_BI, 0.0)), present_BI.sum().astype(jnp.float32)
 
 
-def transfusion_loss(model, batch, rng, config):
-  """(loss, metrics) for one batch; `model(batch, t_BL)` -> (logits_BLV, patch_out_BLP, _)."""
+def _nll_sum(head, h_BCD, targets_BC, mask_BC):
+  """Sum over mask of -log p(target): one chunk's logits live only inside this function."""
+  logits_BCV = mesh.constrain(head(h_BCD).astype(jnp.float32), _LOGITS)
+  logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+  target_logit_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz_BC - target_logit_BC) * mask_BC)
+
+
+def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int):
+  """(sum over mask of the cross-entropy of head(h), masked tokens), `chunk` positions per row at a time.
+
+  Each row's masked (text) positions are first moved to its front (a stable per-row
+  sort, so the batch sharding is untouched); chunks then run in a scan, and a chunk
+  past every row's last text position is skipped (lax.cond), so the head runs on
+  about max-over-rows(text) positions instead of L. Each chunk is under
+  jax.checkpoint: the backward pass recomputes its [B, chunk, V] logits rather than
+  storing them. chunk <= 0 or >= L: one chunk of all positions (the head on [B, L, V]).
+  """
+  mask_BL = mask_BL.astype(jnp.float32)
+  count = mask_BL.sum()
+  B, L = targets_BL.shape
+  if chunk <= 0 or chunk >= L:
+    return _nll_sum(head, h_BLD, targets_BL, mask_BL), count
+  order_BL = jnp.argsort((mask_BL <= 0).astype(jnp.int32), axis=1, stable=True)  # text first, in order
+  h_BLD = jnp.take_along_axis(h_BLD, order_BL[..., None], axis=1)
+  targets_BL = jnp.take_along_axis(targets_BL, order_BL, axis=1)
+  mask_BL = jnp.take_along_axis(mask_BL, order_BL, axis=1)
+  K = -(-L // chunk)
+  pad = K * chunk - L  # lengths that are not a multiple of the chunk: masked-out padding
+  h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
+  targets_BL, mask_BL = jnp.pad(targets_BL, ((0, 0), (0, pad))), jnp.pad(mask_BL, ((0, 0), (0, pad)))
+  # [B, K*C, ...] -> [K, B, C, ...]: the scan walks chunks; the batch axis keeps its sharding.
+  h_KBCD = mesh.constrain(h_BLD.reshape(B, K, chunk, -1).swapaxes(0, 1),
+                          (None, "act_batch", "act_len", "act_embed"))
+  targets_KBC = targets_BL.reshape(B, K, chunk).swapaxes(0, 1)
+  mask_KBC = mask_BL.reshape(B, K, chunk).swapaxes(0, 1)
+  longest = mask_BL.sum(axis=1).max()  # text positions of the row that has the most
+  nll = jax.checkpoint(lambda h, t, m: _nll_sum(head, h, t, m))
+
+  def body(total, xs):
+    k, h_BCD, t_BC, m_BC = xs
+    part = jax.lax.cond(k * chunk < longest, nll, lambda *_: jnp.zeros((), jnp.float32), h_BCD, t_BC, m_BC)
+    return total + part, None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (jnp.arange(K), h_KBCD, targets_KBC, mask_KBC))
+  return total, count
+
+
+def transfusion_loss(model, batch, rng, config, *, noise=None, totals=None):
+  """(loss, metrics) for one batch; uses `model.features(batch, t_BL)` and `model.logits(h)`.
+
+  noise: (t_BL, eps_BLP) for this batch, else drawn from rng. totals: (text_tokens,
+  images) of a whole step's batch of which this batch is one micro-batch (see
+  `accumulation_inputs`); every metric is then this micro-batch's additive share, so
+  summing the micro-batches' metrics (and gradients) gives the whole batch's exactly.
+  """
   d = config.diffusion
   schedule = diffusion.make_schedule(d)
-  t_BL, eps_BLP = draw_timesteps_and_noise(rng, batch, d)
+  t_BL, eps_BLP = noise if noise is not None else draw_timesteps_and_noise(rng, batch, d)
   x0_BLP = batch["patches"].astype(jnp.float32)
   is_image_BL1 = (batch["modality"] == record.IMAGE)[..., None]
   x_t_BLP = jnp.where(is_image_BL1, diffusion.q_sample(schedule, x0_BLP, t_BL, eps_BLP), 0.0)
-  logits_BLV, out_BLP, _ = model(dict(batch, patches=x_t_BLP), t_BL.astype(jnp.float32))
-  lm, text_tokens = lm_loss(logits_BLV, batch["lm_targets"], batch["lm_mask"])
+  h_BLD, out_BLP, _ = model.features(dict(batch, patches=x_t_BLP), t_BL.astype(jnp.float32))
+  nll, text_tokens = chunked_nll_sum(model.logits, h_BLD, batch["lm_targets"], batch["lm_mask"],
+                                     int(config.model.loss_chunk))
   target_BLP = diffusion.target(schedule, x0_BLP, t_BL, eps_BLP, d.prediction)
   weight_BL = snr_weight(schedule, t_BL, d)
-  diff, images = diffusion_loss(out_BLP, target_BLP, weight_BL, batch["image_ids"], batch["modality"])
+  diff_sum, images = diffusion_sum(out_BLP, target_BLP, weight_BL, batch["image_ids"], batch["modality"])
+  text_total, image_total = (text_tokens, images) if totals is None else totals
+  lm = nll / jnp.maximum(text_total, 1.0)
+  diff = diff_sum / jnp.maximum(image_total, 1.0)
   loss = lm + d.loss_weight * diff
   metrics = dict(loss=loss, lm_loss=lm, diff_loss=diff, text_tokens=text_tokens, images=images)
   return loss, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def count_images(batch) -> jax.Array:
+  """Images present in the batch (distinct (row, image_id) over image positions)."""
+  is_image_BL = batch["modality"] == record.IMAGE
+  _, present_BI = per_image_mean(jnp.zeros(is_image_BL.shape, jnp.float32), batch["image_ids"], is_image_BL)
+  return present_BI.sum().astype(jnp.float32)
+
+
+def accumulation_inputs(batch, rng, config):
+  """(noise, totals) for the whole step's batch, to be sliced per micro-batch.
+
+  The noise is drawn once for the whole batch, so the micro-batches see exactly the
+  timesteps and noise a single full-batch step would.
+  """
+  noise = draw_timesteps_and_noise(rng, batch, config.diffusion)
+  totals = (batch["lm_mask"].astype(jnp.float32).sum(), count_images(batch))
+  return noise, totals

@@ -14,6 +14,7 @@ from tfx import checkpoint as ckpt_lib
 from tfx import mesh as mesh_lib
 from tfx import metrics as metrics_lib
 from tfx import optim
+from tfx import profiler as profiler_lib
 from tfx import state as state_lib
 from tfx import step as step_lib
 
@@ -43,7 +44,8 @@ def validate(config, workdir) -> jax.sharding.Mesh:
   for key in ("total_steps", "global_batch_size", "seq_len"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key} must be positive, got {config[key]}")
-  for key in ("checkpoint_every_steps", "log_every_steps", "stop_after_step"):
+  for key in ("checkpoint_every_steps", "log_every_steps", "stop_after_step", "profile_start_step",
+              "profile_steps"):
     if config[key] < 0:
       raise ConfigError(f"config.{key} must be >= 0, got {config[key]}")
   mesh = mesh_lib.make_mesh(config.mesh)  # raises MeshError
@@ -54,6 +56,16 @@ def validate(config, workdir) -> jax.sharding.Mesh:
   if config.global_batch_size % jax.process_count():
     raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by the "
                       f"{jax.process_count()} processes")
+  accum = config.optim.grad_accum_steps
+  if accum < 1:
+    raise ConfigError(f"optim.grad_accum_steps must be >= 1, got {accum}")
+  if config.global_batch_size % accum:
+    raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by "
+                      f"optim.grad_accum_steps {accum}")
+  if accum > 1 and (config.global_batch_size // accum) % dp:
+    raise ConfigError(f"micro-batches of {config.global_batch_size // accum} rows (global_batch_size "
+                      f"{config.global_batch_size} / optim.grad_accum_steps {accum}) are not divisible by "
+                      f"the data-parallel size {dp} (mesh data*fsdp = {dict(mesh.shape)})")
   _check_workdir_writable(workdir)
   try:
     ckpt_lib.check_resumable(workdir, config)
@@ -174,6 +186,8 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   throughput = metrics_lib.Throughput(config.global_batch_size * config.seq_len,
                                       _flops_per_token(config), jax.device_count(), jax.devices()[0])
   delayed = metrics_lib.DelayedFetch()
+  profiler = profiler_lib.StepProfiler(workdir, config.profile_start_step, config.profile_steps,
+                                       enabled=is_chief)
   train_step = None
   last = {}
 
@@ -199,8 +213,10 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
           train_step = step_lib.jit_train_step(
               step_lib.train_step_fn(config, factory.graphdef, tx, loss_fn),
               factory.shardings, shardings)
+        profiler.before(step)
         state, step_metrics = train_step(state, _global_batch(local, shardings))
         done = step + 1
+        profiler.after(done, (state, step_metrics))
         fetched = delayed.push(done, step_metrics)
         if fetched:
           handle(fetched)
@@ -226,6 +242,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
       if fetched:
         handle(fetched)
   finally:
+    profiler.stop()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
