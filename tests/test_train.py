@@ -309,10 +309,11 @@ def test_mfu_only_with_a_known_peak():
     device_kind = "NVIDIA H100 80GB HBM3"
   assert metrics.peak_flops(Device()) == 989e12
   assert metrics.peak_flops(jax.devices()[0]) is None  # CPU: no MFU
-  meter = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e9, num_devices=2, device=Device())
-  assert meter.update(0) == {}
-  out = meter.update(10)
-  np.testing.assert_allclose(out["mfu"], out["tokens_per_sec"] * 1e9 / (2 * 989e12))
+  meter = metrics.Throughput(tokens_per_step=1000, step_flops=lambda m: 1e9 * m["text_tokens"], num_devices=2,
+                             device=Device())
+  assert meter.update(0, {"text_tokens": 3.0}) == {}
+  out = meter.update(10, {"text_tokens": 3.0})
+  np.testing.assert_allclose(out["mfu"], out["steps_per_sec"] * 3e9 / (2 * 989e12))
   np.testing.assert_allclose(out["tokens_per_sec"], out["steps_per_sec"] * 1000)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -81,13 +82,17 @@ def _memory(compiled) -> dict:
           "fits": {chip: total / GIB <= cap for chip, cap in DEVICE_MEMORY_GIB.items()}}
 
 
-def _flops(config, n_params: int) -> dict:
-  """Training FLOPs from the model's own count (attention included) and the paper's 6*N*D."""
+def _flops(config, n_params: int) -> tuple[dict, Callable[[dict], float]]:
+  """Training FLOPs from the model's own count (attention included) and the paper's 6*N*D, and
+  the FLOPs a given batch needs (MFU's numerator: the LM head on text targets only)."""
   from tfx.model import flops
   tokens = config.global_batch_size * config.seq_len
-  per_token = float(flops.report(config)["flops_per_token"])
-  return {"flops_per_token": per_token, "flops_per_step": per_token * tokens,
-          "six_n_flops_per_step": 6.0 * n_params * tokens}
+  report = flops.report(config)
+  per_token = float(report["flops_per_token"])
+  model_flops = lambda batch: flops.model_flops(report, tokens, float(np.sum(batch["lm_mask"])),
+                                                float(np.sum(batch["modality"] == record.IMAGE)))
+  return ({"flops_per_token": per_token, "flops_per_step": per_token * tokens,
+           "six_n_flops_per_step": 6.0 * n_params * tokens}, model_flops)
 
 
 def _random_batch(config, mesh, rng: np.random.Generator) -> dict:
@@ -100,7 +105,7 @@ def _random_batch(config, mesh, rng: np.random.Generator) -> dict:
   return {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
 
 
-def _time_steps(config, compiled, factory, mesh, steps: int, flops_per_step: float) -> dict:
+def _time_steps(config, compiled, factory, mesh, steps: int, model_flops: Callable[[dict], float]) -> dict:
   """Runs the compiled step `steps` times (after one warm-up) on random records: time and memory.
 
   Skipped, saying why, when XLA's estimate of the step's memory exceeds the device's.
@@ -129,7 +134,8 @@ def _time_steps(config, compiled, factory, mesh, steps: int, flops_per_step: flo
               "loss": float(out["loss"])}
   peak = metrics.peak_flops(devices[0])
   if peak:
-    measured["mfu"] = round(flops_per_step / median / (peak * len(devices)), 4)
+    measured["model_flops_per_step"] = model_flops(jax.device_get(batch))
+    measured["mfu"] = round(measured["model_flops_per_step"] / median / (peak * len(devices)), 4)
   stats = devices[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     measured["peak_memory_gib_device0"] = round(stats["peak_bytes_in_use"] / GIB, 3)
@@ -162,8 +168,8 @@ def report(config, num_devices: int | None = None, time_steps: int = 0) -> dict:
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
     n_params = state_lib.num_params(state)
-    flops = _flops(config, n_params)
-    measured = (_time_steps(config, compiled, factory, mesh, time_steps, flops["flops_per_step"])
+    flops, model_flops = _flops(config, n_params)
+    measured = (_time_steps(config, compiled, factory, mesh, time_steps, model_flops)
                 if time_steps > 0 else None)
   out = {
       "preset": config.model.preset,

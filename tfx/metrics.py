@@ -3,6 +3,7 @@ import json
 import math
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -65,24 +66,28 @@ def to_host(metrics: dict) -> dict:
 
 
 class Throughput:
-  """Tokens/s and MFU over the interval since the last call."""
+  """Tokens/s and MFU over the interval since the last call.
 
-  def __init__(self, tokens_per_step: int, flops_per_token: float | None, num_devices: int,
+  `step_flops(metrics)` gives a step's training FLOPs from its metrics (text targets and images
+  differ from step to step); the logged step's count stands for the interval's steps.
+  """
+
+  def __init__(self, tokens_per_step: int, step_flops: Callable[[dict], float] | None, num_devices: int,
                device: jax.Device):
-    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.tokens_per_step, self.step_flops = tokens_per_step, step_flops
     peak = peak_flops(device)
     self.peak_total = peak * num_devices if peak else None
     self._last = None
 
-  def update(self, step: int) -> dict:
+  def update(self, step: int, metrics: dict | None = None) -> dict:
     now, out = time.perf_counter(), {}
     if self._last is not None and step > self._last[0]:
       seconds = now - self._last[1]
       steps = step - self._last[0]
       out["steps_per_sec"] = steps / seconds
       out["tokens_per_sec"] = steps * self.tokens_per_step / seconds
-      if self.flops_per_token and self.peak_total:
-        out["mfu"] = out["tokens_per_sec"] * self.flops_per_token / self.peak_total
+      if self.step_flops and self.peak_total and metrics is not None:
+        out["mfu"] = out["steps_per_sec"] * self.step_flops(metrics) / self.peak_total
     self._last = (step, now)
     return out
 

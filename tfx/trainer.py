@@ -109,15 +109,20 @@ def _global_batch(local: dict, shardings: dict) -> dict:
           for k, v in local.items()}
 
 
-def _flops_per_token(config) -> float | None:
+def _step_flops(config) -> Callable[[dict], float] | None:
+  """A step's training FLOPs from its metrics (text targets, images), or None without MFU."""
   if metrics_lib.peak_flops(jax.devices()[0]) is None:
     return None  # MFU is only reported where the device peak is known
+  from tfx import patching
   from tfx.model import flops
   try:
-    return float(flops.report(config)["flops_per_token"])
+    report = flops.report(config)
   except RuntimeError as e:  # a missing MFU must not stop training
     print(f"tfx.train: no MFU: {e}", file=sys.stderr)
     return None
+  n = patching.num_patches(config.image.resolution // config.autoencoder.downsample, config.image.patch_size)
+  positions = config.global_batch_size * config.seq_len
+  return lambda m: flops.model_flops(report, positions, m["text_tokens"], m["images"] * n)
 
 
 def _sampling_model(graphdef, state: state_lib.TrainState):
@@ -184,7 +189,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   writer.drop_after(start)
   progress = metrics_lib.Progress(config.total_steps, enabled=is_chief)
   throughput = metrics_lib.Throughput(config.global_batch_size * config.seq_len,
-                                      _flops_per_token(config), jax.device_count(), jax.devices()[0])
+                                      _step_flops(config), jax.device_count(), jax.devices()[0])
   delayed = metrics_lib.DelayedFetch()
   profiler = profiler_lib.StepProfiler(workdir, config.profile_start_step, config.profile_steps,
                                        enabled=is_chief)
@@ -200,7 +205,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
     last = {"step": step, **values}
     if step % max(config.log_every_steps, 1) == 0 or step == stop or step == start + 1:
       # The first call only sets the clock: rates exclude the first step's compile.
-      values = {**values, **throughput.update(step)}
+      values = {**values, **throughput.update(step, values)}
       writer.write(step, values)
       progress.report(step, values)
 

@@ -60,6 +60,9 @@ def _modality_forward_flops_per_image(config, model) -> float:
 def report(config) -> dict:
   """params (total and by part) and training FLOPs per token (forward + backward = 3x forward).
 
+  `flops_per_token` counts the LM head at every position (the dry run's per-token figure);
+  `model_flops` counts what a given batch needs, for MFU.
+
   flops_per_token = 6 * (block + LM-head matmul params) + 6 * layers * seq_len * heads * head_dim:
   attention over the causal half of the L x L pairs (the work the mask leaves; an image's
   bidirectional patches add n^2 / 2 pairs, under 1% at 4096 positions), MaxText's convention.
@@ -85,8 +88,18 @@ def report(config) -> dict:
       params_modality=modality,
       params_lm_head=0 if model.lm_head is None else head,
       flops_per_token=dense_flops + attention_flops,
+      body_flops_per_token=6.0 * blocks + attention_flops,
+      head_flops_per_token=6.0 * head,
       attention_flops_per_token=attention_flops,
       modality_flops_per_image_token=modality_flops,
       flops_per_image_token=dense_flops + attention_flops + modality_flops,
       seq_len=int(config.seq_len),
   )
+
+
+def model_flops(report: dict, positions: float, text_targets: float, image_positions: float) -> float:
+  """Training FLOPs a step needs: the blocks and attention at every position, the LM head where
+  the loss reads it (text targets: the chunked loss runs it nowhere else) and the modality
+  layers on image positions. `report` is `report(config)`; this is MFU's numerator."""
+  return (positions * report["body_flops_per_token"] + text_targets * report["head_flops_per_token"]
+          + image_positions * report["modality_flops_per_image_token"])
