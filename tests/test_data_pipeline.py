@@ -80,30 +80,31 @@ def _image_keys(batches, k):
   return keys
 
 
-def test_two_hosts_get_disjoint_slices_that_cover_the_source(config):
-  rows = config.global_batch_size
-  for which, field in (("image_text", "spec"), ("text", "text")):
-    source = pipeline.open_source(config, which, "train")
-    full = [ex[field] for ex in source]
-    h0 = [ex[field] for r in range(rows // 2) for ex in pipeline.row_slice(source, r, rows)]
-    h1 = [ex[field] for r in range(rows // 2, rows) for ex in pipeline.row_slice(source, r, rows)]
-    assert not set(h0) & set(h1)
-    assert sorted(h0 + h1) == sorted(full)
-  # The full pipeline of host 0 only ever shows the images of its rows r < B/2 (slices [r::B]).
+def test_two_hosts_read_disjoint_slices_and_fixed_streams_give_the_same_global_batch(config):
+  for size in (7, 200):
+    parts = [list(pipeline.slice_positions(size, s, 2)) for s in range(2)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == list(range(size))
+  # By default each host is one stream; host 0 only ever shows the images of its slice [0::2].
   k = config.image.patch_size
   def patches_of(ex):
     return patching.patchify(pipeline.pixels_to_model(ex["image"], config.image.resolution), k).tobytes()
   source = pipeline.open_source(config, "image_text", "train")
-  mine = {patches_of(source[i]) for i in range(len(source)) if i % rows < rows // 2}
-  theirs = {patches_of(source[i]) for i in range(len(source)) if i % rows >= rows // 2}
+  mine = {patches_of(source[i]) for i in range(0, len(source), 2)}
+  theirs = {patches_of(source[i]) for i in range(1, len(source), 2)}
   host0 = _take(pipeline.make_iterator(config, process_index=0, process_count=2), 3)
   host1 = _take(pipeline.make_iterator(config, process_index=1, process_count=2), 3)
   assert host0[0]["tokens"].shape == (config.global_batch_size // 2, config.seq_len)
   seen = _image_keys(host0, k)
   assert seen and set(seen) <= mine and not set(seen) & theirs
-  # Together the two hosts build exactly the batches one host builds.
-  one = _take(pipeline.make_iterator(config, process_index=0, process_count=1), 3)
+  # With data.streams fixed at 2, one host builds exactly the batches the two hosts build together.
+  two_streams = config.copy_and_resolve_references()
+  two_streams.data.streams = 2
+  one = _take(pipeline.make_iterator(two_streams, process_index=0, process_count=1), 3)
   _assert_batches_equal(one, [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(host0, host1)])
+  with pytest.raises(ValueError, match="multiple of the 2 hosts"):
+    bad = config.copy_and_resolve_references()
+    bad.data.streams = 3
+    pipeline.make_iterator(bad, process_index=0, process_count=2)
 
 
 def test_a_source_smaller_than_the_batch_is_read_by_every_row(config):
@@ -160,6 +161,23 @@ def test_packing_keeps_every_token_and_patch_and_never_splits_an_image():
   fill = np.mean([(r["segment_ids"] > 0).mean() for r in records])
   print(f"packing fill: {fill:.3f} of {len(records)} records")
   assert fill > 0.8
+
+
+def test_compact_examples_pack_like_dense_ones():
+  rng = np.random.default_rng(3)
+  dense = _random_examples(rng, 120, 16)
+  compact = []
+  for e in dense:
+    is_image = e["modality"] == record.IMAGE
+    c = {k: v for k, v in e.items() if k != "patches"}
+    compact.append(dict(c, image_patches=e["patches"][is_image]))
+  kw = dict(seq_len=64, pad_id=TOK.pad_id, max_images=2)
+  _assert_batches_equal(packing.pack_examples(dense, **kw), packing.pack_examples(compact, **kw))
+  ex = examples.image_text_example([11, 12], np.ones((4, P), np.float32), TOK, caption_first=False, compact=True)
+  want = examples.image_text_example([11, 12], np.ones((4, P), np.float32), TOK, caption_first=False)
+  assert "patches" not in ex and ex["image_patches"].shape == (4, P)
+  for k in ("tokens", "modality", "image_ids", "noise_limited"):
+    np.testing.assert_array_equal(ex[k], want[k])
 
 
 def test_packing_state_restores_at_every_record():
@@ -293,3 +311,20 @@ def test_multiprocess_prefetch_matches_in_process_and_resumes(config):
     again.close()
   _assert_batches_equal(_take(pipeline.make_iterator(config, process_index=0, process_count=1), 4), got)
   _assert_batches_equal(got[2:], resumed)
+
+
+def _bench(*args):
+  import os, pathlib, subprocess, sys
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+  return subprocess.run([sys.executable, "-m", "tfx.data.bench", *args], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_bench_cli_measures_the_paper_shape_and_rejects_bad_flags():
+  r = _bench("--shape=paper", "--paper_images=40", "--paper_rows=2", "--batches=2", "--prefetch=0")
+  assert r.returncode == 0, r.stderr[-2000:]
+  line = [l for l in r.stdout.splitlines() if l.startswith("paper:") and "records/s" in l][0]
+  assert "of 2 x 4096" in line and "2 batches timed" in line and float(line.split()[1]) > 0
+  bad = _bench("--batches=0")
+  assert bad.returncode == 2 and bad.stderr.strip() == "tfx.data.bench: error: --batches must be >= 1, got 0"

@@ -66,9 +66,10 @@ def test_single_slice_mesh_is_unchanged_and_one_process_simulates_slices():
     mesh.make_mesh(_mesh_config(fsdp=8, dcn_data=2), devices)  # 4 devices per slice, not 8
 
 
-def test_global_batch_does_not_depend_on_the_number_of_hosts():
+def test_global_batch_with_fixed_streams_does_not_depend_on_the_number_of_hosts():
   config = small_config()
   config.global_batch_size = 8
+  config.data.streams = 4   # fixed: the global batch no longer depends on the host count
   one = pipeline.make_iterator(config, process_index=0, process_count=1)
   hosts = [pipeline.make_iterator(config, process_index=i, process_count=2) for i in range(2)]
   for _ in range(3):
@@ -83,7 +84,7 @@ def test_global_batch_does_not_depend_on_the_number_of_hosts():
 def _train_flags():
   data = small_config().data  # a small prepared shapes + text dir, shared with the data tests
   return ["--config=experiments/shapes.py:tiny", "--config.total_steps=4", "--config.checkpoint_every_steps=2",
-          "--config.log_every_steps=1", "--config.mesh.fsdp=2", f"--config.data.data_dir={data.data_dir}",
+          "--config.log_every_steps=1", "--config.mesh.fsdp=2", "--config.data.streams=2", f"--config.data.data_dir={data.data_dir}",
           f"--config.data.shapes_train_size={data.shapes_train_size}",
           f"--config.data.shapes_eval_size={data.shapes_eval_size}"]
 

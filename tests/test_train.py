@@ -175,8 +175,9 @@ def test_run_writes_config_metrics_checkpoints(uninterrupted):
   assert saved["total_steps"] == 4 and saved["model"]["d_model"] == 32
   records = metrics.read_metrics(workdir)
   assert [r["step"] for r in records] == [1, 2, 3, 4]
-  for key in ("loss", "lm_loss", "diff_loss", "grad_norm", "lr", "tokens_per_sec"):
+  for key in ("loss", "lm_loss", "diff_loss", "grad_norm", "lr", "tokens_per_sec", "data_wait_s"):
     assert key in records[-1], key
+  assert all(r["data_wait_s"] >= 0 for r in records)
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -256,6 +257,28 @@ class _PoisonedAt:
 
   def start_prefetch(self):
     pass
+
+
+class _Slow(_PoisonedAt):
+  """Wraps a checkpointable iterator; each batch takes `seconds` longer."""
+
+  def __init__(self, inner, seconds):
+    super().__init__(inner, bad_step=-1)
+    self.seconds = seconds
+
+  def __next__(self):
+    import time
+    time.sleep(self.seconds)
+    return super().__next__()
+
+
+def test_metrics_log_the_time_each_step_waited_for_data(uninterrupted, tmp_path):
+  slow = lambda c, **kw: _Slow(pipeline.make_iterator(c, **kw), seconds=0.3)
+  trainer.run(tiny_config(**{"mesh.data": 8}), tmp_path, make_iterator=slow)
+  waits = {r["step"]: r["data_wait_s"] for r in metrics.read_metrics(tmp_path)}
+  fast = {r["step"]: r["data_wait_s"] for r in metrics.read_metrics(uninterrupted[0])}
+  assert sorted(waits) == [1, 2, 3, 4] and all(w >= 0.3 for w in waits.values()), waits
+  assert all(w < 0.3 for w in fast.values()), fast
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):

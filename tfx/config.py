@@ -99,7 +99,9 @@ def default() -> ml_collections.ConfigDict:
   dt.caption_first_fraction = 0.8    # share of pairs as caption->image (rest image->caption)
   dt.caption_dropout = 0.1           # drop the caption of caption-first pairs (for CFG)
   dt.shuffle_buffer_seed = 0         # shuffle seed offset (added to c.seed)
-  dt.worker_count = 0                # Grain worker processes (0 = in the main process)
+  dt.streams = 0                     # packed streams per global batch (0 = one per host); a fixed multiple of
+                                     # the host count gives the same batches on any number of hosts
+  dt.worker_count = 0                # Grain worker processes (0 = in the main process); batches depend on it
   dt.prefetch = 2                    # batches prefetched ahead of the step
   dt.shapes_train_size = 50000       # shapes images in the built-in train split
   dt.shapes_eval_size = 1000         # shapes images in each of validation / test / heldout

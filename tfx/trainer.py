@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable
 
 import jax
@@ -195,6 +196,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
                                        enabled=is_chief)
   train_step = None
   last = {}
+  waits = {}   # step -> seconds its next(iterator) took, until logged
 
   def handle(fetched):
     nonlocal last
@@ -205,14 +207,18 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
     last = {"step": step, **values}
     if step % max(config.log_every_steps, 1) == 0 or step == stop or step == start + 1:
       # The first call only sets the clock: rates exclude the first step's compile.
-      values = {**values, **throughput.update(step, values)}
+      logged = [waits.pop(s) for s in sorted(waits) if s <= step]   # mean over the steps since the last log
+      values = {**values, **throughput.update(step, values),
+                "data_wait_s": float(np.mean(logged)) if logged else 0.0}
       writer.write(step, values)
       progress.report(step, values)
 
   try:
     with _sigterm_flag() as preempted:
       for step in range(start, stop):
+        t0 = time.perf_counter()
         local = next(iterator)
+        waits[step + 1] = time.perf_counter() - t0
         if train_step is None:
           shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
           train_step = step_lib.jit_train_step(

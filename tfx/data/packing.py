@@ -17,15 +17,13 @@ import numpy as np
 from tfx import record
 from tfx.data import examples as examples_lib
 
-_EXAMPLE_FIELDS = ("tokens", "patches", "modality", "image_ids", "noise_limited")
-
 
 class RecordBuilder:
-  """Accumulates example pieces into one record."""
+  """Decides which example pieces fill one record (lengths only; `write_records` copies the data)."""
 
-  def __init__(self, seq_len: int, pad_id: int, max_images: int):
-    self.seq_len, self.pad_id, self.max_images = seq_len, pad_id, max_images
-    self.pieces: list[dict[str, np.ndarray]] = []
+  def __init__(self, seq_len: int, max_images: int):
+    self.seq_len, self.max_images = seq_len, max_images
+    self.pieces: list[tuple[dict, int, int]] = []   # (example, start, stop)
     self.used = 0
     self.images = 0
 
@@ -41,51 +39,122 @@ class RecordBuilder:
     """Adds example[start:] (as much as fits); returns how many positions were taken."""
     stop = min(examples_lib.length(example), start + self.room)
     if stop > start:   # an empty example adds no (empty) segment
-      piece = {k: example[k][start:stop] for k in _EXAMPLE_FIELDS}
-      self.pieces.append(piece)
+      self.pieces.append((example, start, stop))
       self.used += stop - start
-      self.images += int(piece["image_ids"].max())
+      ids = example["image_ids"][start:stop]
+      self.images += int(ids.max())
     return stop - start
 
-  def finish(self) -> dict[str, np.ndarray]:
-    """The padded record."""
-    if not self.pieces:
-      raise ValueError("cannot finish an empty record")
-    patch_dim = self.pieces[0]["patches"].shape[1]
-    out = record.zeros(self.seq_len, patch_dim)
-    out["tokens"][:] = self.pad_id
-    out["lm_targets"][:] = self.pad_id
-    pos, image_offset = 0, 0
-    for seg, piece in enumerate(self.pieces, start=1):
-      n = piece["tokens"].shape[0]
-      s = slice(pos, pos + n)
-      for k in ("tokens", "patches", "modality", "noise_limited"):
-        out[k][s] = piece[k]
-      ids = piece["image_ids"]
-      out["image_ids"][s] = np.where(ids > 0, ids + image_offset, 0)
-      image_offset += int(ids.max())
-      out["segment_ids"][s] = seg
-      out["positions"][s] = np.arange(n)
-      pos += n
-    seg, mod, tok = out["segment_ids"], out["modality"], out["tokens"]
-    same_next = (seg[:-1] == seg[1:]) & (seg[:-1] != 0)
-    out["lm_targets"][:-1] = np.where(same_next, tok[1:], self.pad_id)
-    learn = same_next & (mod[:-1] == record.TEXT) & (mod[1:] == record.TEXT)
-    out["lm_mask"][:-1] = learn.astype(np.float32)
-    return out
+
+def _patch_rows(example, start: int, stop: int):
+  """(positions of example[start:stop] that are image patches, their patch vectors [k, P])."""
+  if "patches" in example:
+    where = np.flatnonzero(example["modality"][start:stop] == record.IMAGE)
+    return where, example["patches"][start + where]
+  patches = example["image_patches"]
+  if not len(patches):
+    return None, None
+  is_image = example["modality"] == record.IMAGE
+  where = np.flatnonzero(is_image[start:stop])
+  before = int(np.count_nonzero(is_image[:start]))
+  return where, patches[before:before + len(where)]
+
+
+def write_records(records: list[list[tuple[dict, int, int]]], seq_len: int, patch_dim: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+  """Pieces (example, start, stop) of each record -> a padded batch [len(records), seq_len] (tfx/record.py)."""
+  out = record.zeros(seq_len, patch_dim, (len(records),))
+  out["tokens"][:] = pad_id
+  for row, pieces in enumerate(records):
+    if not pieces:
+      continue
+    lengths = np.asarray([b - a for _, a, b in pieces])
+    used = int(lengths.sum())
+    for k in ("tokens", "modality", "noise_limited"):
+      out[k][row, :used] = np.concatenate([ex[k][a:b] for ex, a, b in pieces])
+    out["segment_ids"][row, :used] = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
+    starts = np.cumsum(lengths) - lengths
+    out["positions"][row, :used] = np.arange(used, dtype=np.int32) - np.repeat(starts, lengths)
+    image_offset = 0
+    for (ex, a, b), start in zip(pieces, starts):
+      ids = ex["image_ids"][a:b]
+      images = int(ids.max())
+      if images:   # image ids count on through the record; patches go to image positions only
+        out["image_ids"][row, start:start + b - a] = np.where(ids > 0, ids + image_offset, 0)
+        where, vectors = _patch_rows(ex, a, b)
+        out["patches"][row, start + where] = vectors
+        image_offset += images
+  seg, mod, tok = out["segment_ids"], out["modality"], out["tokens"]
+  same_next = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)
+  out["lm_targets"][:] = pad_id
+  out["lm_targets"][:, :-1] = np.where(same_next, tok[:, 1:], pad_id)
+  learn = same_next & (mod[:, :-1] == record.TEXT) & (mod[:, 1:] == record.TEXT)
+  out["lm_mask"][:, :-1] = learn
+  return out
+
+
+def _patch_dim(example) -> int:
+  return example["patches" if "patches" in example else "image_patches"].shape[-1]
+
+
+def finish(builder: RecordBuilder, pad_id: int) -> dict[str, np.ndarray]:
+  """The one padded record of `builder`."""
+  if not builder.pieces:
+    raise ValueError("cannot finish an empty record")
+  batch = write_records([builder.pieces], builder.seq_len, _patch_dim(builder.pieces[0][0]), pad_id)
+  return {k: v[0] for k, v in batch.items()}
+
+
+def check_example(ex, seq_len: int, max_images: int) -> None:
+  """Raises if an unsplittable example can never fit a record."""
+  if examples_lib.length(ex) > seq_len:
+    raise ValueError(f"an image-caption example of {examples_lib.length(ex)} positions cannot fit "
+                     f"seq_len={seq_len}; raise seq_len or lower data.max_caption_tokens")
+  if examples_lib.num_images(ex) > max_images:
+    raise ValueError(f"an example holds {examples_lib.num_images(ex)} images but "
+                     f"image.max_images_per_seq={max_images}")
+
+
+def place_one(b: RecordBuilder, streams: list, emitted: list[int], weights: list[float]) -> bool:
+  """Adds one piece from the stream most behind its share of positions; False if nothing fits.
+
+  A stream has peek() (its current example, or None when exhausted), `offset`
+  (positions of it already packed) and consumed(n).
+  """
+  order = sorted(range(len(streams)), key=lambda i: (emitted[i] / weights[i], i))
+  for i in order:
+    stream = streams[i]
+    ex = stream.peek()
+    if ex is None:
+      continue
+    if bool(ex["splittable"]):
+      n = b.add(ex, stream.offset)
+    else:
+      check_example(ex, b.seq_len, b.max_images)
+      if not b.fits_whole(ex):
+        continue
+      n = b.add(ex)
+    stream.consumed(n)
+    emitted[i] += n
+    return True
+  return False
 
 
 def pack_one(example, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """One example alone in a padded record (prompts for generation / evaluation)."""
   if examples_lib.length(example) > seq_len:
     raise ValueError(f"example of {examples_lib.length(example)} positions does not fit seq_len={seq_len}")
-  b = RecordBuilder(seq_len, pad_id, max_images=max(examples_lib.num_images(example), 1))
+  b = RecordBuilder(seq_len, max_images=max(examples_lib.num_images(example), 1))
   b.add(example)
-  return b.finish()
+  return finish(b, pad_id)
 
 
 class _Stream:
-  """One example stream with the example it is in the middle of (held until fully packed)."""
+  """One example stream of any Grain iterator, with the example it is in the middle of.
+
+  Generic, so it keeps a copy of the iterator's state before each example; the
+  training pipeline's streams (tfx.data.pipeline) are indexed and keep two ints.
+  """
 
   def __init__(self, it: grain.DatasetIterator):
     self.it = it
@@ -132,41 +201,13 @@ class _MixPackIterator(grain.DatasetIterator):
     self._emitted = [0] * len(parents)
     self._seq_len, self._pad_id, self._max_images = seq_len, pad_id, max_images
 
-  def _check(self, ex) -> None:
-    if examples_lib.length(ex) > self._seq_len:
-      raise ValueError(f"an image-caption example of {examples_lib.length(ex)} positions cannot fit "
-                       f"seq_len={self._seq_len}; raise seq_len or lower data.max_caption_tokens")
-    if examples_lib.num_images(ex) > self._max_images:
-      raise ValueError(f"an example holds {examples_lib.num_images(ex)} images but "
-                       f"image.max_images_per_seq={self._max_images}")
-
-  def _place_one(self, b: RecordBuilder) -> bool:
-    """Adds one piece from the stream most behind its share; False if nothing fits."""
-    order = sorted(range(len(self._streams)), key=lambda i: (self._emitted[i] / self._weights[i], i))
-    for i in order:
-      stream = self._streams[i]
-      ex = stream.peek()
-      if ex is None:
-        continue
-      if bool(ex["splittable"]):
-        n = b.add(ex, stream.offset)
-      else:
-        self._check(ex)
-        if not b.fits_whole(ex):
-          continue
-        n = b.add(ex)
-      stream.consumed(n)
-      self._emitted[i] += n
-      return True
-    return False
-
   def __next__(self) -> dict[str, np.ndarray]:
-    b = RecordBuilder(self._seq_len, self._pad_id, self._max_images)
-    while b.room > 0 and self._place_one(b):
+    b = RecordBuilder(self._seq_len, self._max_images)
+    while b.room > 0 and place_one(b, self._streams, self._emitted, self._weights):
       pass
     if not b.pieces:
       raise StopIteration
-    return b.finish()
+    return finish(b, self._pad_id)
 
   def get_state(self) -> dict:
     return {"streams": [s.get_state() for s in self._streams], "emitted": list(self._emitted)}

@@ -1,15 +1,24 @@
-"""The Grain input pipeline: sources -> row slice -> shuffle/repeat -> examples -> mix+pack -> stack rows.
+"""The Grain input pipeline: sources -> per-stream slice -> seeded order -> examples -> mix+pack -> batch.
 
 Mixture weights are shares of positions (text tokens + patches), as the paper's
-1:1 text-to-image tokens; tfx.data.packing mixes and packs in one step, so text
-fills the gaps image-caption pairs leave. Each source up to packing is a
-MapDataset (random access, index-seeded randomness), so the iterator state is
-small and exactly restorable; packing keeps the example each stream is in the
-middle of as (parent state, offset). Row r of the global batch of B rows is its
-own stream over the slice [r::B] of every source, and each host builds its
-contiguous block of rows: hosts read disjoint data and the global batch does not
-depend on the number of hosts (a 2-host run trains exactly like a 1-host run).
+1:1 text-to-image tokens; tfx.data.packing mixes and packs, so text fills the
+gaps image-caption pairs leave. The global batch of B rows is built by S
+streams (config.data.streams; 0 = one per host, MaxText's layout), each packing
+B/S consecutive rows from its own slice [s::S] of every source; a host builds
+its S/H streams. So hosts read disjoint data, and the global batch depends on S,
+not on the number of hosts H: a fixed S (a multiple of every H you will use)
+makes a 2-host run train exactly like a 1-host run. Grain worker processes
+(data.worker_count = W) each build whole batches from a further slice [w::W]
+and take turns, so the batches depend on W too.
+
+A stream's example i of a source is a pure function of (seed, i): a seeded
+order per epoch over its slice, read and tokenized a chunk at a time. So a
+stream's state is, per source, two ints (the example being packed, positions of
+it already packed) plus the positions emitted: small JSON, exactly restorable.
 """
+import dataclasses
+from typing import Any, Callable
+
 import grain
 import jax
 from absl import flags
@@ -36,8 +45,12 @@ def pixels_to_model(image: np.ndarray, resolution: int) -> np.ndarray:
   return image.astype(np.float32) / 127.5 - 1.0
 
 
-class _ImageTextToExample:
-  """A source record (caption + image or latent) -> a packed-ready example, randomly ordered."""
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class _ImageTextToExamples:
+  """Source records (caption + image or latent) -> compact examples, in random caption order."""
 
   def __init__(self, config, tok, has_latent: bool):
     self.tok = tok
@@ -62,25 +75,27 @@ class _ImageTextToExample:
                        "(image.resolution // autoencoder.downsample, autoencoder.latent_channels)")
     return (latent - self.shift) * self.scale
 
-  def __call__(self, ex, rng: np.random.Generator):
-    text = ex["caption"]
-    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-    ids = self.tok.encode(text)[:self.max_caption_tokens]
-    caption_first = bool(rng.random() < self.caption_first_fraction)
-    if caption_first and rng.random() < self.caption_dropout:
-      ids = []
-    return examples.image_text_example(ids, patching.patchify(self.grid(ex), self.k), self.tok,
-                                       caption_first=caption_first)
+  def __call__(self, records: list, rng: np.random.Generator) -> list[dict]:
+    u = rng.random((len(records), 2))
+    out = []
+    for ex, (u_first, u_drop) in zip(records, u):
+      ids = self.tok.encode(_text(ex["caption"]))[:self.max_caption_tokens]
+      caption_first = bool(u_first < self.caption_first_fraction)
+      if caption_first and u_drop < self.caption_dropout:
+        ids = []
+      out.append(examples.image_text_example(ids, patching.patchify(self.grid(ex), self.k), self.tok,
+                                             caption_first=caption_first, compact=True))
+    return out
 
 
-class _TextToExample:
+class _TextToExamples:
   def __init__(self, tok, patch_dim: int):
     self.tok, self.patch_dim = tok, patch_dim
 
-  def __call__(self, ex):
-    text = ex["text"]
-    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-    return examples.text_example(self.tok.encode(text), self.tok, self.patch_dim)
+  def __call__(self, records: list, rng: np.random.Generator) -> list[dict]:
+    del rng
+    return [examples.text_example(self.tok.encode(_text(ex["text"])), self.tok, self.patch_dim, compact=True)
+            for ex in records]
 
 
 def _check_image_source(config, path: str) -> bool:
@@ -97,8 +112,8 @@ def _check_image_source(config, path: str) -> bool:
   return not pixels
 
 
-def open_source(config, which: str, split: str) -> grain.MapDataset:
-  """The whole "image_text" or "text" source of `split`, random access.
+def open_source(config, which: str, split: str):
+  """The whole "image_text" or "text" source of `split`: random access (len, [i]).
 
   A text source without the requested evaluation split (e.g. "test", "heldout")
   is read from its "validation" split.
@@ -107,45 +122,144 @@ def open_source(config, which: str, split: str) -> grain.MapDataset:
   path = builtin.resolve(config, name)
   if which == "text" and split != "train" and split not in builders.split_names(path):
     split = "validation"
-  return grain.MapDataset.source(builders.open_split(path, split))
+  return builders.open_split(path, split)
 
 
-def row_slice(source: grain.MapDataset, row: int, rows: int) -> grain.MapDataset:
-  """What batch row `row` of `rows` reads: source[row::rows], or the whole source if it has fewer than `rows`."""
-  return source[row::rows] if len(source) >= rows else source
+def slice_positions(size: int, part: int, parts: int) -> range:
+  """The source positions part `part` of `parts` reads: [part::parts], or all of them if the source is smaller."""
+  return range(part, size, parts) if size >= parts else range(size)
 
 
-# Rows read synchronously: one background thread (or worker process) prefetches whole
-# batches, and Grain's default 16 threads x 500 elements per row stream would decode
-# tens of thousands of examples before the first batch.
-_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+# Orders of up to this many examples are numpy permutations (8 bytes each, ~1 us per
+# example); larger slices use Grain's index_shuffle (no memory; ~25 us per example at
+# 500k, measured here, but 150 us at 500 and 1.2 ms at 62: too slow for small slices).
+_PERMUTATION_MAX = 1 << 22
+# Examples read and made at once (one rng per chunk). Reads go one record at a time:
+# array_record's batched __getitems__ starts threads per call and was 20% slower here.
+_CHUNK = 64
 
 
-class _StackRows(grain.IterDataset):
-  """One record from each row stream, stacked into a batch [rows, ...]."""
+class _IndexedStream:
+  """Examples 0, 1, 2, ... of one source slice in a seeded order per epoch, repeated forever.
 
-  def __init__(self, rows: list):
-    super().__init__(list(rows))
+  Example i is a pure function of (seed, i); the state is the example being
+  packed and the positions of it already packed.
+  """
 
-  def __iter__(self) -> "_StackRowsIterator":
-    return _StackRowsIterator([row.__iter__() for row in self._parents])
+  def __init__(self, source, positions: range, make: Callable, seed: int):
+    if not len(positions):
+      raise ValueError("a data source is empty")
+    self.source, self.positions, self.make, self.seed = source, positions, make, seed
+    self.index, self.offset = 0, 0
+    self._chunk_id, self._chunk = None, None
+    self._epoch, self._order = None, None
+    n = len(positions)
+    self._shuffle = None if n <= _PERMUTATION_MAX else grain.MapDataset.range(n).shuffle(seed=seed % 2**32)
+
+  def _source_index(self, i: int) -> int:
+    n = len(self.positions)
+    if self._shuffle is not None:
+      return self.positions[self._shuffle[i] % n]
+    epoch, j = divmod(i, n)
+    if epoch != self._epoch:
+      self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
+    return self.positions[int(self._order[j])]
+
+  def peek(self) -> dict:
+    c, j = divmod(self.index, _CHUNK)
+    if c != self._chunk_id:
+      indices = [self._source_index(i) for i in range(c * _CHUNK, (c + 1) * _CHUNK)]
+      records = [self.source[i] for i in indices]
+      self._chunk_id, self._chunk = c, self.make(records, np.random.default_rng([self.seed, 1 << 40, c]))
+    return self._chunk[j]
+
+  def consumed(self, n: int) -> None:
+    self.offset += n
+    if self.offset >= examples.length(self.peek()):
+      self.index, self.offset = self.index + 1, 0
+
+  def get_state(self) -> list[int]:
+    return [self.index, self.offset]
+
+  def set_state(self, state) -> None:
+    self.index, self.offset = int(state[0]), int(state[1])
 
 
-class _StackRowsIterator(grain.DatasetIterator):
-  def __init__(self, rows: list):
-    super().__init__(rows)
-    self._rows = rows
+@dataclasses.dataclass
+class _Part:
+  """One source as a stream reads it."""
+  source: Any
+  make: Callable
+  weight: float
+  salt: int   # tells the sources' seeds apart
+
+
+class _HostBatches(grain.IterDataset):
+  """This host's rows of each global batch: `streams` (global stream ids) of `rows` rows each."""
+
+  def __init__(self, parts: list[_Part], *, streams: range, num_streams: int, rows: int, seq_len: int,
+               pad_id: int, max_images: int, patch_dim: int, seed: int):
+    super().__init__([])
+    self.parts, self.streams, self.num_streams, self.rows = parts, streams, num_streams, rows
+    self.seq_len, self.pad_id, self.max_images, self.patch_dim, self.seed = (
+        seq_len, pad_id, max_images, patch_dim, seed)
+    self.worker, self.workers = 0, 1
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """Grain worker `sl.start` of `sl.step` reads its own slice of every stream's data."""
+    del sequential_slice
+    self.worker, self.workers = sl.start or 0, sl.step or 1
+
+  def __iter__(self) -> "_HostBatchesIterator":
+    return _HostBatchesIterator(self)
+
+
+class _HostBatchesIterator(grain.DatasetIterator):
+  def __init__(self, ds: _HostBatches):
+    super().__init__()
+    self._ds = ds
+    self._streams, self._emitted = [], []
+    every = ds.num_streams * ds.workers
+    for s in ds.streams:
+      part_index = s + ds.num_streams * ds.worker   # stream s of worker w reads [s + S*w :: S*W]
+      self._streams.append([
+          _IndexedStream(p.source, slice_positions(len(p.source), part_index, every), p.make,
+                         int(np.random.SeedSequence([ds.seed, s, ds.worker, p.salt]).generate_state(1)[0]))
+          for p in ds.parts])
+      self._emitted.append([0] * len(ds.parts))
+    self._weights = [float(p.weight) for p in ds.parts]
 
   def __next__(self) -> dict[str, np.ndarray]:
-    records = [next(row) for row in self._rows]
-    return {k: np.stack([r[k] for r in records]) for k in records[0]}
+    ds, records = self._ds, []
+    for streams, emitted in zip(self._streams, self._emitted):
+      for _ in range(ds.rows):
+        b = packing.RecordBuilder(ds.seq_len, ds.max_images)
+        while b.room > 0 and packing.place_one(b, streams, emitted, self._weights):
+          pass
+        records.append(b.pieces)
+    return packing.write_records(records, ds.seq_len, ds.patch_dim, ds.pad_id)
 
   def get_state(self) -> dict:
-    return {"rows": [row.get_state() for row in self._rows]}
+    return {"streams": [{"sources": [s.get_state() for s in streams], "emitted": list(emitted)}
+                        for streams, emitted in zip(self._streams, self._emitted)]}
 
   def set_state(self, state: dict) -> None:
-    for row, st in zip(self._rows, state["rows"]):
-      row.set_state(st)
+    for streams, emitted, st in zip(self._streams, self._emitted, state["streams"]):
+      for stream, source_state in zip(streams, st["sources"]):
+        stream.set_state(source_state)
+      emitted[:] = [int(e) for e in st["emitted"]]
+
+
+def num_streams(config, process_count: int) -> int:
+  """S, the packed streams of a global batch (config.data.streams, 0 = one per host); checked."""
+  s = config.data.streams or process_count
+  if s < 0 or s % process_count:
+    raise ValueError(f"data.streams={config.data.streams} must be 0 or a positive multiple of the "
+                     f"{process_count} hosts")
+  if config.global_batch_size % s:
+    raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by {s} data streams "
+                     "(data.streams, 0 = one per host)")
+  return s
 
 
 def make_dataset(config, *, split: str = "train", process_index: int | None = None,
@@ -167,35 +281,22 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
   patch_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
-  sources = {}
+  parts = []
   if d.image_text and d.image_text_weight > 0:
     use_latent = _check_image_source(config, builtin.resolve(config, d.image_text))
-    sources["image_text"] = (open_source(config, "image_text", split), d.image_text_weight)
+    parts.append(_Part(open_source(config, "image_text", split), _ImageTextToExamples(config, tok, use_latent),
+                       d.image_text_weight, salt=0))
   if d.text and d.text_weight > 0:
-    sources["text"] = (open_source(config, "text", split), d.text_weight)
-  if not sources:
+    parts.append(_Part(open_source(config, "text", split), _TextToExamples(tok, patch_dim), d.text_weight, salt=1))
+  if not parts:
     raise ValueError("no data: set data.image_text and/or data.text with a positive weight")
-  # Row r of every global batch is its own packed stream over slice [r::B] of each
-  # source; a host builds the streams of its contiguous block of rows. So the
-  # global batch is the same for any number of hosts, and hosts read disjoint data.
-  rows_per_host = config.global_batch_size // process_count
-  first = process_index * rows_per_host
-  rows = []
-  for row in range(first, first + rows_per_host):
-    seed = int(np.random.SeedSequence([config.seed, d.shuffle_buffer_seed, row]).generate_state(1)[0])
-    parts, weights = [], []
-    for which, (source, weight) in sources.items():
-      ds = row_slice(source, row, config.global_batch_size)
-      if which == "image_text":
-        ds = ds.shuffle(seed=seed).repeat()
-        ds = ds.random_map(_ImageTextToExample(config, tok, use_latent), seed=(seed + 1) % 2**32)
-      else:
-        ds = ds.shuffle(seed=(seed + 2) % 2**32).repeat().map(_TextToExample(tok, patch_dim))
-      parts.append(ds.to_iter_dataset(_READ))
-      weights.append(weight)
-    rows.append(packing.MixPackIterDataset(parts, weights, seq_len=config.seq_len, pad_id=tok.pad_id,
-                                           max_images=config.image.max_images_per_seq))
-  batched = _StackRows(rows)
+  streams = num_streams(config, process_count)
+  per_host = streams // process_count
+  batched = _HostBatches(
+      parts, streams=range(process_index * per_host, (process_index + 1) * per_host), num_streams=streams,
+      rows=config.global_batch_size // streams, seq_len=config.seq_len, pad_id=tok.pad_id,
+      max_images=config.image.max_images_per_seq, patch_dim=patch_dim,
+      seed=int(np.random.SeedSequence([config.seed, d.shuffle_buffer_seed]).generate_state(1)[0]))
   if d.worker_count > 0:
     if not flags.FLAGS.is_parsed():   # Grain's workers read absl flags; outside an absl app use defaults
       flags.FLAGS.mark_as_parsed()
@@ -212,7 +313,8 @@ def make_iterator(config, *, split: str = "train", process_index: int | None = N
 
   Each batch is a dict of numpy arrays per tfx/record.py with leading shape
   [global_batch_size // process_count, seq_len]. Every split repeats forever
-  (take as many batches as needed); the order depends only on config.seed.
+  (take as many batches as needed); the order depends on config.seed, the
+  number of streams (data.streams, 0 = one per host) and data.worker_count.
   Built-in datasets and the default tokenizer are prepared on first use.
   """
   return iter(make_dataset(config, split=split, process_index=process_index, process_count=process_count))
