@@ -18,7 +18,7 @@ from sentencepiece import sentencepiece_model_pb2
 BOI_PIECE = "<boi>"
 EOI_PIECE = "<eoi>"
 PAD_PIECE = "<pad>"
-# A derived vocabulary is rounded up to this: it divides over any tensor-parallel
+# A derived vocabulary is rounded up to this: it divides over any power-of-two tensor-parallel
 # degree up to 128 and keeps the embedding and LM-head rows a multiple of the
 # 128-wide TPU lanes and GPU MMA tiles.
 VOCAB_MULTIPLE = 128
