@@ -9,7 +9,7 @@ Arguments (comma-separated key=value):
   patch      latent cells per patch side: 2 (default; 256 patches per image), 4 or 8 (Table 6)
   image_text a prepared image-caption dataset holding VAE latents (python -m tfx.data.prepare, then
              the autoencoder's latent cache); text: a prepared text dataset; tokenizer: a SentencePiece
-             .model with the Llama 2 vocabulary size (32K); vae: the autoencoder folder
+             .model (the paper's: Llama 2's; model.vocab_size follows it); vae: the autoencoder folder
   data_dir   where tfds datasets live (optional)
 
 Everything else is the paper's: 4096-token sequences, 2M-token batches (512 x 4096),
@@ -18,12 +18,15 @@ with 4000 warmup steps and cosine decay to 1.5e-5, lambda 5, eps-prediction on a
 cosine schedule (T=1000) with noise limiting, caption first 80% of the time, text
 and image tokens mixed 1:1, 256 px images as 32x32x8 VAE latents, 250 DDPM steps
 at inference. The 7B headline run used 4M-token batches for 500k steps: add
---config.global_batch_size=1024 --config.total_steps=500000.
+--config.global_batch_size=1024 --config.total_steps=500000. Any --config.X flag
+wins over the preset (e.g. --config.model.n_layers=2 for a smoke test).
 Sharding: pure FSDP over every device, bf16 compute, scanned layers with full
 remat; `python -m tfx.train --dry_run` reports the memory this needs per device.
 """
 from tfx import config as tfx_config
 from tfx import patching
+from tfx.data import tokenizer
+from tfx.model import presets
 
 SIZES = ("0.16B", "0.37B", "0.76B", "1.4B", "7B")
 ENCODERS = ("linear", "unet")
@@ -32,6 +35,7 @@ DATA_KEYS = ("image_text", "text", "tokenizer", "vae", "data_dir")
 SEQ_LEN = 4096
 TOKENS_PER_BATCH = 2 * 1024 * 1024
 LATENT_SIDE = 32                      # 256 px / VAE downsample 8
+LLAMA2_PIECES = 32000                 # the paper's tokenizer (Llama 2's SentencePiece model)
 # U-Net widths per patch size (one stride-2 level per halving) that give the
 # paper's ~0.27B-parameter U-Net (down + up blocks): 275M, 262M, 275M.
 UNET_CHANNELS = {2: (832, 1664), 4: (384, 768, 1536), 8: (352, 704, 1024, 1024)}
@@ -51,6 +55,24 @@ def parse(arg: str) -> dict[str, str]:
       raise ValueError(f"experiments/transfusion.py: bad argument {part!r}; expected key=value with key in {known}")
     out[key] = value
   return out
+
+
+def mix_weights(n_patches: int, caption_tokens: int = CAPTION_TOKENS) -> tuple[float, float]:
+  """(image_text_weight, text_weight): the paper's 1:1 text tokens to image tokens.
+
+  The weights are shares of positions, and a pair is n patches plus BOI/EOI and its
+  caption, all three text. Patches are half of all positions when the pairs' share is
+  (n + 2 + caption) / 2n: 0.566 at 2x2 patches (n = 256), 0.766 at 4x4 (n = 64). At 8x8
+  (n = 16) a pair holds more text than patches, so even pairs alone are under half
+  patches and that share would leave no text documents at all. There the 1:1 is kept
+  between image patches and the text corpus, captions riding along with their images:
+  w_pair * n / (n + 2 + caption) = w_text, i.e. 0.758 / 0.242, patches 24% of positions.
+  """
+  pair = n_patches + 2 + caption_tokens
+  image_text = pair / (2 * n_patches)
+  if image_text >= 1.0:
+    image_text = pair / (pair + n_patches)
+  return round(image_text, 4), round(1.0 - image_text, 4)
 
 
 def get_config(arg: str = ""):
@@ -74,8 +96,10 @@ def get_config(arg: str = ""):
   c.keep_checkpoints = 3
   c.log_every_steps = 50
 
-  m = c.model
-  m.preset = size                     # Table 2 sizes, Llama 2 vocabulary (tfx/model/presets.py)
+  m = presets.apply(c, size).model    # Table 2 sizes (tfx/model/presets.py); --config.model.* flags win
+  # The vocabulary is the tokenizer's (0: derived, tfx/data/tokenizer.py). Named none, the
+  # paper's: Llama 2's 32,000 pieces + PAD/BOI/EOI, rounded up to 128, as derived from it.
+  m.vocab_size = 0 if args.get("tokenizer") else tokenizer.padded_vocab_size(LLAMA2_PIECES + 3)
   m.encoder = encoder
   m.unet_channels = UNET_CHANNELS[patch]
   m.unet_blocks_per_level = UNET_BLOCKS_PER_LEVEL
@@ -105,13 +129,7 @@ def get_config(arg: str = ""):
   dt.text = args.get("text", "")
   dt.tokenizer = args.get("tokenizer", "")
   dt.data_dir = args.get("data_dir", "")
-  # 1:1 text:image tokens. The weights are shares of positions, and an image-caption
-  # example is n patches plus BOI/EOI and its caption (text), so its share must be
-  # (n + 2 + caption) / 2n for the patches to be half of all positions. With 8x8
-  # patches (n = 16) captions outweigh patches and no text documents are mixed in.
-  pair_positions = n_patches + 2 + CAPTION_TOKENS
-  dt.image_text_weight = round(min(pair_positions / (2 * n_patches), 1.0), 4)
-  dt.text_weight = round(1.0 - dt.image_text_weight, 4)
+  dt.image_text_weight, dt.text_weight = mix_weights(n_patches)
   dt.caption_first_fraction = 0.8
 
   o = c.optim

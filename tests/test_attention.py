@@ -8,7 +8,7 @@ from flax import nnx
 import tfx.config
 import tfx.model
 from tfx import patching
-from tfx.model import attention
+from tfx.model import attention, presets
 
 from core_batches import fast_rngs, random_batch, reference_mask
 
@@ -34,7 +34,7 @@ def test_adjacent_images_get_separate_horizons():
 
 def _config(**model):
   c = tfx.config.default()
-  c.model.preset = "tiny"
+  presets.apply(c, "tiny")
   c.image.resolution, c.image.patch_size, c.autoencoder.latent_channels = 8, 4, 3  # n=4, P=48
   c.model.update(model)
   return c

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import checkpoint, metrics
+from tfx import checkpoint, metrics, trainer
 from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,9 +74,9 @@ def test_sigkill_then_same_command_resumes_exactly(env, tmp_path):
 
 
 def _guarded_workdir(path: pathlib.Path) -> pathlib.Path:
-  """A workdir holding an earlier run's config.json that no bad command may touch."""
+  """A workdir holding an earlier run's config.json (resolved, as the trainer saves it) that no bad command may touch."""
   path.mkdir(parents=True)
-  checkpoint.save_config(path, tiny_config())
+  checkpoint.save_config(path, trainer.resolve(tiny_config()))
   return path
 
 

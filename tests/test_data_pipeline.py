@@ -8,7 +8,7 @@ import pytest
 from etils import epath
 
 from tfx import patching, record
-from tfx.data import builders, examples, packing, pipeline
+from tfx.data import builders, examples, packing, pipeline, tokenizer
 from data_testing import small_config
 
 TOK = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=3, boi_id=4, eoi_id=5)
@@ -39,7 +39,7 @@ def test_batches_follow_record_format(config):
   assert image.any() and (~image & (b["segment_ids"] > 0)).any()
   assert np.abs(b["patches"]).max() <= 1.0 and not b["patches"][~image].any()
   assert not b["lm_mask"][image].any() and not b["noise_limited"][~image].any()
-  assert b["tokens"].max() < config.model.vocab_size
+  assert b["tokens"].max() < tokenizer.model_vocab_size(config)
 
 
 def test_evaluation_splits(config):

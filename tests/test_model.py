@@ -16,7 +16,7 @@ L = 64
 
 def _config(**model):
   c = tfx.config.default()
-  c.model.preset = "tiny"
+  presets.apply(c, "tiny")
   c.image.resolution, c.image.patch_size, c.autoencoder.latent_channels = 8, 2, 3  # n=16, P=12
   c.model.update(model)
   return c
@@ -210,8 +210,8 @@ def test_flops_report_under_a_mesh_and_where_only_compiled_code_is_analysed(monk
 
 @pytest.mark.parametrize("name", sorted(presets.PAPER_SIZES))
 def test_paper_preset_param_counts_within_5_percent(name):
-  c = tfx.config.default()
-  c.model.preset = name
+  c = presets.apply(tfx.config.default(), name)
+  c.model.vocab_size = 32000  # Llama 2's, as in the paper's counts
   model = flops.abstract_model(presets.resolve(c))
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated

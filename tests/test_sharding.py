@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 import tfx.config
 import tfx.model
 from tfx import losses, mesh
+from tfx.model import presets
 
 from core_batches import fast_rngs, random_batch
 
@@ -16,7 +17,7 @@ from core_batches import fast_rngs, random_batch
 def test_sharded_forward_backward_matches_one_device():
   assert len(jax.devices()) >= 8
   config = tfx.config.default()
-  config.model.preset = "tiny"  # 4 heads, 2 kv heads, d_model 64: all divisible by 2
+  presets.apply(config, "tiny")  # 4 heads, 2 kv heads, d_model 64: all divisible by 2
   config.image.resolution, config.image.patch_size = 8, 2
   device_mesh = mesh.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)), jax.devices()[:8])
 
@@ -62,7 +63,7 @@ def test_sharded_forward_backward_matches_one_device():
 def test_every_param_divides_over_the_mesh(encoder, preset):
   """The rules never split a dimension unevenly on a (2,2,2) mesh (checked on abstract shapes)."""
   config = tfx.config.default()
-  config.model.preset, config.model.encoder = preset, encoder
+  presets.apply(config, preset).model.encoder = encoder
   abstract = nnx.eval_shape(lambda: tfx.model.build_model(config, nnx.Rngs(0)))
   sizes = dict(data=2, fsdp=2, tensor=2)
   state = nnx.state(abstract, nnx.Param)

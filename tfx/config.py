@@ -23,8 +23,8 @@ def default() -> ml_collections.ConfigDict:
 
   # -- model: a Llama-style decoder plus modality layers ---------------------
   c.model = m = ml_collections.ConfigDict()
-  m.preset = ""                      # name in tfx.model.presets; overrides the sizes below when set
-  m.vocab_size = 1024                # text vocabulary (>= tokenizer size; padded for sharding)
+  m.preset = ""                      # tfx.model.presets name the sizes below came from (set by presets.apply, before overrides)
+  m.vocab_size = 0                   # text vocabulary; 0 = the tokenizer's ids (specials included) rounded up to 128
   m.d_model = 128                    # residual width
   m.n_layers = 2                     # transformer blocks
   m.n_heads = 4                      # query heads
@@ -105,7 +105,7 @@ def default() -> ml_collections.ConfigDict:
   dt.prefetch = 2                    # batches prefetched ahead of the step
   dt.shapes_train_size = 50000       # shapes images in the built-in train split
   dt.shapes_eval_size = 1000         # shapes images in each of validation / test / heldout
-  dt.tokenizer_vocab_size = 1024     # vocab of the default SentencePiece model (<= model.vocab_size)
+  dt.tokenizer_vocab_size = 1024     # pieces of the default SentencePiece model, its specials included
   dt.max_caption_tokens = 64         # captions are cut to this many tokens
 
   # -- optimizer (AdamW, warmup + cosine; paper defaults) -------------------

@@ -147,8 +147,13 @@ def report(config, num_devices: int | None = None, time_steps: int = 0) -> dict:
 
   `time_steps` > 0 also runs the step that many times on random records (see `_time_steps`).
   """
+  from tfx.data import tokenizer
   from tfx.model import build_model, presets
-  config = presets.resolve(config)
+  try:
+    config = presets.resolve(config)
+    tokenizer.model_vocab_size(config)  # an explicit size smaller than the tokenizer needs is an error
+  except (ValueError, FileNotFoundError) as e:
+    raise DryRunError(str(e)) from None
   devices = _devices(num_devices)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   dp = _data_parallel_size(mesh)
@@ -203,6 +208,12 @@ def main(argv=None) -> int:
     cfg = flags.FLAGS.config
     if cfg is None:
       print("tfx.dryrun: --config=FILE is required", file=sys.stderr)
+      return 2
+    from tfx.model import presets
+    try:
+      presets.apply_overrides(cfg, config_flags.get_override_values(flags.FLAGS["config"]))
+    except ValueError as e:
+      print(f"tfx.dryrun: {e}", file=sys.stderr)
       return 2
     if flags.FLAGS.num_devices:
       simulate_cpu_devices(flags.FLAGS.num_devices)

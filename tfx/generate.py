@@ -292,9 +292,7 @@ class Generator:
     self.prediction = config.diffusion.prediction
     self._model = model
     self.graphdef, self.params = nnx.split(model)
-    vocab = config.model.vocab_size
-    if tok.vocab_size > vocab:
-      raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size is {vocab}")
+    vocab = tokenizer_lib.model_vocab_size(config, tok)  # raises if smaller than tok needs
     unusable = np.arange(vocab) >= tok.vocab_size
     self._text_only = self._ids_mask(unusable, tok.pad_id, tok.bos_id, tok.boi_id, tok.eoi_id)
     self._text_or_image = self._ids_mask(unusable, tok.pad_id, tok.bos_id, tok.eoi_id)

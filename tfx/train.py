@@ -68,6 +68,11 @@ def main(argv) -> None:
     config.get("seed")  # a config file that failed to load raises here
   except OSError as e:
     usage_error(" ".join(str(e).split()))
+  from tfx.model import presets
+  try:  # --config.model.preset=NAME: NAME's sizes, then the other --config.model.* flags
+    presets.apply_overrides(config, config_flags.get_override_values(flags.FLAGS["config"]))
+  except ValueError as e:
+    usage_error(str(e))
   if _DRY_RUN.value:
     from tfx import dryrun, mesh
     try:

@@ -24,12 +24,27 @@ class ConfigError(ValueError):
   """Bad user input found before anything is compiled or written."""
 
 
-def resolve(config):
-  """The config with its model preset applied (what config.json records)."""
+def resolve(config, workdir=None):
+  """The config as config.json records it: preset checked, vocabulary derived and checked
+  against the tokenizer. A derived vocabulary (model.vocab_size 0) resuming WORKDIR keeps
+  the saved run's size when the tokenizer fits in it, so a run saved with an explicit
+  or differently padded size still resumes."""
+  from tfx.data import tokenizer
   from tfx.model import presets
   try:
-    return presets.resolve(config)
-  except ValueError as e:
+    if not config.model.vocab_size and workdir is not None:
+      try:
+        saved = ckpt_lib.load_config(workdir).model.vocab_size
+      except ckpt_lib.NoCheckpointError:
+        saved = 0
+      if saved and saved >= tokenizer.ids_needed(config):
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+          config.model.vocab_size = saved
+    config = presets.resolve(config)
+    tokenizer.model_vocab_size(config)  # raises if an explicit size is smaller than the tokenizer needs
+    return config
+  except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from None
 
 
@@ -153,7 +168,7 @@ def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callab
   """
   if build_model is None:
     from tfx.model import build_model
-    config = resolve(config)
+    config = resolve(config, workdir)
   mesh = validate(config, workdir)
   if make_iterator is None:
     from tfx.data.pipeline import make_iterator

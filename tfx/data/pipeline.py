@@ -278,8 +278,7 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
     raise ValueError(f"data weights must be >= 0, got image_text_weight={d.image_text_weight} "
                      f"text_weight={d.text_weight}")
   tok = tokenizer_lib.load(config)
-  if tok.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
+  tokenizer_lib.model_vocab_size(config, tok)  # raises if model.vocab_size is smaller than tok needs
   patch_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
   parts = []
   if d.image_text and d.image_text_weight > 0:
