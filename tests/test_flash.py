@@ -8,7 +8,7 @@ from flax import nnx
 import tfx.config
 import tfx.model
 from tfx import losses
-from tfx.model import attention, flash
+from tfx.model import attention, flash, presets
 
 from core_batches import fast_rngs, random_batch, reference_mask
 
@@ -120,8 +120,7 @@ def test_implementation_choice():
 
 
 def _config(**model):
-  c = tfx.config.default()
-  c.model.preset = "tiny"
+  c = presets.apply(tfx.config.default(), "tiny")
   c.seq_len = 48
   c.image.resolution, c.image.patch_size, c.autoencoder.latent_channels = 8, 2, 3  # n=16, P=12
   c.model.update(model)

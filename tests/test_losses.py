@@ -10,6 +10,7 @@ from flax import nnx
 
 import tfx.config
 import tfx.model
+from tfx.model import presets
 from tfx import diffusion, losses, record
 
 from core_batches import fast_rngs, random_batch
@@ -179,8 +180,7 @@ def _full_logits_loss(model, batch, rng, config):
 
 
 def test_chunked_head_equals_full_logits_loss_and_gradients():
-  c = tfx.config.default()
-  c.model.preset = "tiny"
+  c = presets.apply(tfx.config.default(), "tiny")
   c.image.resolution, c.image.patch_size, c.autoencoder.latent_channels = 8, 2, 3  # n=16, P=12
   graphdef, params = nnx.split(tfx.model.build_model(c, fast_rngs(0)))
   batch = random_batch(np.random.default_rng(4), 3, 72, 16, 12, vocab=200, max_images=2, min_segments=2)
