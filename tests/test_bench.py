@@ -15,7 +15,7 @@ def test_bench_times_attention_paths_and_the_step(tmp_path):
                       check=False, out_path=str(out), overrides=overrides, reps=1)
   assert json.loads(out.read_text()) == results
   timed = {(r["mask"], r["path"]): r for r in results if r["kind"] == "attention"}
-  assert set(timed) == {(m, p) for m in ("paper_mix", "causal") for p in ("dense", "flash")}
+  assert set(timed) == {(m, p) for m in ("data_mix", "causal") for p in ("dense", "flash")}
   assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in timed.values())
   assert timed["causal", "dense"]["shape"] == [2, 64, 4, 4, 16]
   (step,) = [r for r in results if r["kind"] == "step"]

@@ -4,13 +4,14 @@
 
 For each size (`shapes` is experiments/shapes.py's default, the others experiments/transfusion.py):
   - attention alone, one layer at the size's shape (its per-device batch, sequence, heads, head
-    dim; the model's dtype) on two masks: the dry run's paper record mix (tfx.record.random_batch:
-    whole images, several segments, padding) and one causal text segment per row. Paths: dense
+    dim; the model's dtype) on two masks: the dry run's records packed like the config's data mix
+    (`tfx.dryrun.random_batch`: text documents and caption-image pairs) and one causal text
+    segment per row. Paths: dense
     (XLA, the [L, S] mask), flash (tfx/model/flash.py; on a CPU only with --interpret, slowly),
     and cuDNN's causal kernel (`jax.nn.dot_product_attention`, GPUs). FLOP/s count the causal
     half of L x L for every path (forward 4 B H K L^2 / 2, forward + backward 3.5x that), so
     they compare as inverse times;
-  - the train step (tfx.dryrun.report with --steps timed steps on random records): step time,
+  - the train step (tfx.dryrun.report with --steps timed steps on those records): step time,
     tokens/s, MFU, peak memory. A size whose compiled step needs more memory than the device
     has is reported as skipped, with the estimate.
 --check first compares the flash kernel with the dense path on this device (outputs and
@@ -70,16 +71,13 @@ def _median_seconds(fn, *args, reps: int) -> float:
   return float(np.median(times))
 
 
-def _masks(config, B: int):
-  """(segment, horizon) of the paper-mix records and of one causal segment per row."""
-  from tfx import patching
-  L = config.seq_len
-  n = patching.num_patches(config.image.resolution // config.autoencoder.downsample, config.image.patch_size)
-  mix = record.random_batch(np.random.default_rng(config.seed), B, L, n, 1, config.model.vocab_size,
-                            max_images=config.image.max_images_per_seq)
+def _masks(config):
+  """(segment, horizon) of the dry run's data-mix records and of one causal segment per row."""
+  B, L = config.global_batch_size, config.seq_len
+  mix = dryrun.random_batch(config, np.random.default_rng(config.seed))
   horizon = attention.horizon(jnp.asarray(mix["image_ids"]), jnp.asarray(mix["modality"]))
   causal = (jnp.ones((B, L), jnp.int32), jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)))
-  return {"paper_mix": (jnp.asarray(mix["segment_ids"]), horizon), "causal": causal}
+  return {"data_mix": (jnp.asarray(mix["segment_ids"]), horizon), "causal": causal}
 
 
 def _attention_paths(segment, horizon, causal: bool, interpret: bool) -> dict:
@@ -107,7 +105,7 @@ def attention_results(size: str, config, *, interpret: bool, reps: int):
   q, k, v, ct = (jax.random.normal(key, (B, L, h, K), jnp.float32).astype(dtype)
                  for key, h in zip(keys, (H, G, G, H)))
   forward_flops = 4.0 * B * H * K * L * L / 2
-  for mask_name, (segment, horizon) in _masks(config, B).items():
+  for mask_name, (segment, horizon) in _masks(config).items():
     for path, f in _attention_paths(segment, horizon, mask_name == "causal", interpret).items():
       item = dict(kind="attention", size=size, mask=mask_name, path=path, shape=[B, L, H, G, K],
                   dtype=jnp.dtype(dtype).name)

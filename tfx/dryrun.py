@@ -8,7 +8,8 @@ config.mesh. On a CPU machine the target mesh is simulated with
   python -m tfx.dryrun --config=experiments/transfusion.py:size=7B --num_devices=64
 
 With --time_steps=N it then materializes the state on the real devices, runs the
-compiled step N times on random records and adds the measured step time,
+compiled step N times on random records packed like the config's data mix
+(`random_batch`) and adds the measured step time,
 throughput, MFU and peak device memory (where the backend reports it).
 """
 import json
@@ -95,14 +96,17 @@ def _flops(config, n_params: int) -> tuple[dict, Callable[[dict], float]]:
            "six_n_flops_per_step": 6.0 * n_params * tokens}, model_flops)
 
 
-def _random_batch(config, mesh, rng: np.random.Generator) -> dict:
-  """One global batch of random packed records: text runs and whole images, up to the config's cap."""
+def random_batch(config, rng: np.random.Generator) -> dict:
+  """One global batch of random records packed full as the data mix of `config` would be: text
+  documents and caption-image pairs by config.data's shares, images capped per record."""
   p_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
   n = patching.num_patches(config.image.resolution // config.autoencoder.downsample,
                           config.image.patch_size)
-  host = record.random_batch(rng, config.global_batch_size, config.seq_len, n, p_dim,
-                             config.model.vocab_size, max_images=config.image.max_images_per_seq)
-  return {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
+  d = config.data
+  share = d.image_text_weight / max(d.image_text_weight + d.text_weight, 1e-9)
+  return record.packed_mix_batch(rng, config.global_batch_size, config.seq_len, n, p_dim,
+                                 config.model.vocab_size, share, caption_first=d.caption_first_fraction,
+                                 max_images=config.image.max_images_per_seq)
 
 
 def _time_steps(config, compiled, factory, mesh, steps: int, model_flops: Callable[[dict], float]) -> dict:
@@ -117,7 +121,8 @@ def _time_steps(config, compiled, factory, mesh, steps: int, model_flops: Callab
     return {"skipped": f"the step needs {need} GiB per device by XLA's estimate; the device has "
                        f"{limit / GIB:.1f} GiB"}
   state = factory.init()
-  batch = _random_batch(config, mesh, np.random.default_rng(config.seed))
+  batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim))
+           for k, v in random_batch(config, np.random.default_rng(config.seed)).items()}
   state, out = compiled(state, batch)
   jax.block_until_ready(out)
   seconds = []

@@ -85,25 +85,68 @@ def random_batch(rng: np.random.Generator, batch: int, seq_len: int, n: int, pat
       items += [(seg, kind, v) for kind, v in seg_items]
       if seg >= min_segments and rng.random() < 0.3:
         break
-    image_count, pos, prev_seg = 0, 0, 0
-    for i, (seg_id, kind, v) in enumerate(items):
-      pos = pos + 1 if seg_id == prev_seg else 0
-      prev_seg = seg_id
-      out["segment_ids"][b, i] = seg_id
-      out["positions"][b, i] = pos
-      if kind == "image":
-        if i == 0 or items[i - 1][1] != "image":
-          image_count += 1
-        out["modality"][b, i] = IMAGE
-        out["image_ids"][b, i] = image_count
-        out["noise_limited"][b, i] = v
-        out["patches"][b, i] = rng.normal(size=patch_dim)
-      else:
-        out["tokens"][b, i] = v
-    for i in range(len(items) - 1):
-      same = out["segment_ids"][b, i + 1] == out["segment_ids"][b, i]
-      if same:
-        out["lm_targets"][b, i] = out["tokens"][b, i + 1]
-      text_pair = out["modality"][b, i] == TEXT and out["modality"][b, i + 1] == TEXT
-      out["lm_mask"][b, i] = float(same and text_pair)
+    _fill_row(out, b, items, rng, patch_dim)
   return out
+
+
+def packed_mix_batch(rng: np.random.Generator, batch: int, seq_len: int, n: int, patch_dim: int, vocab: int,
+                     image_text_share: float, caption_tokens: int = 32, document_tokens: int = 1024,
+                     caption_first: float = 0.8, max_images: int | None = None, boi: int = 1, eoi: int = 2
+                     ) -> dict[str, np.ndarray]:
+  """Full rows as the data packer makes them from a mix: each document is an image-caption pair
+  (caption of `caption_tokens`, BOI, n patches, EOI; caption first with `caption_first`) with
+  probability chosen so pairs take `image_text_share` of the positions, else a text document of
+  up to `document_tokens`; documents are added until the row is full (the last text document
+  is cut to fit, a pair that does not fit ends the row; past `max_images` only text is drawn).
+  The dry run's timed records."""
+  pair_len, text_len = caption_tokens + n + 2, (document_tokens + 1) / 2
+  # P(pair) such that pairs' expected positions / all expected positions = image_text_share
+  p_pair = image_text_share * text_len / (image_text_share * text_len + (1 - image_text_share) * pair_len)
+  out = zeros(seq_len, patch_dim, (batch,))
+  for b in range(batch):
+    items, seg = [], 0
+    while len(items) < seq_len:
+      seg += 1
+      if rng.random() < p_pair and (max_images is None or seg_images(items) < max_images):
+        caption = [("text", int(rng.integers(3, vocab))) for _ in range(caption_tokens)]
+        limited = int(rng.random() >= caption_first)
+        image = [("text", boi)] + [("image", limited)] * n + [("text", eoi)]
+        doc = caption + image if not limited else image + caption
+        if len(items) + len(doc) > seq_len:
+          break
+      else:
+        doc = [("text", int(rng.integers(3, vocab))) for _ in range(int(rng.integers(1, document_tokens + 1)))]
+        doc = doc[:seq_len - len(items)]
+      items += [(seg, kind, v) for kind, v in doc]
+    _fill_row(out, b, items, rng, patch_dim)
+  return out
+
+
+def seg_images(items: list) -> int:
+  """Images among (segment, kind, value) items (an image is a run of "image" items)."""
+  return sum(1 for i, item in enumerate(items) if item[1] == "image" and (i == 0 or items[i - 1][1] != "image"))
+
+
+def _fill_row(out: dict, b: int, items: list, rng: np.random.Generator, patch_dim: int) -> None:
+  """Writes row b of `out` from (segment, "text"|"image", token or noise_limited) items."""
+  image_count, pos, prev_seg = 0, 0, 0
+  for i, (seg_id, kind, v) in enumerate(items):
+    pos = pos + 1 if seg_id == prev_seg else 0
+    prev_seg = seg_id
+    out["segment_ids"][b, i] = seg_id
+    out["positions"][b, i] = pos
+    if kind == "image":
+      if i == 0 or items[i - 1][1] != "image":
+        image_count += 1
+      out["modality"][b, i] = IMAGE
+      out["image_ids"][b, i] = image_count
+      out["noise_limited"][b, i] = v
+      out["patches"][b, i] = rng.normal(size=patch_dim)
+    else:
+      out["tokens"][b, i] = v
+  for i in range(len(items) - 1):
+    same = out["segment_ids"][b, i + 1] == out["segment_ids"][b, i]
+    if same:
+      out["lm_targets"][b, i] = out["tokens"][b, i + 1]
+    text_pair = out["modality"][b, i] == TEXT and out["modality"][b, i + 1] == TEXT
+    out["lm_mask"][b, i] = float(same and text_pair)
