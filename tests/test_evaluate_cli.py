@@ -67,8 +67,8 @@ def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, cap
 
 
 def test_quick_eval_returns_eval_scalars_and_reuses_compiled_generator(workdir):
-  from tfx import checkpoint
-  config, model = checkpoint.restore_model(workdir)
+  from tfx import restore
+  config, model = restore.restore_model(workdir)
   first = evaluate.quick_eval(config, model, 2)
   gen = evaluate._quick_cache["generator"]
   second = evaluate.quick_eval(config, model, 2)

@@ -200,17 +200,13 @@ def sample_grid(config, model, *, samples_per_prompt: int = 4) -> np.ndarray:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from tfx import checkpoint
+  from tfx import restore
   try:
-    config, model = checkpoint.restore_model(args.workdir, args.step, ema=not args.no_ema)
-  except checkpoint.NoCheckpointError as e:
+    config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema)
+  except restore.RestoreError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
-  step = args.step
-  if step is None:
-    ckpt = checkpoint.Checkpointer(args.workdir, read_only=True)
-    step = ckpt.latest_step()
-    ckpt.close()
+  step = restore.latest_step(args.workdir) if args.step is None else args.step
   options = suite.Options(
       split=args.split, num=args.num, num_heldout=args.num_heldout,
       cfg_scales=tuple(args.cfg_scales or (config.diffusion.cfg_scale,)),

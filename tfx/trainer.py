@@ -16,6 +16,7 @@ from tfx import metrics as metrics_lib
 from tfx import optim
 from tfx import state as state_lib
 from tfx import step as step_lib
+from tfx import workdir as workdir_lib
 
 
 class ConfigError(ValueError):
@@ -56,8 +57,8 @@ def validate(config, workdir) -> jax.sharding.Mesh:
                       f"{jax.process_count()} processes")
   _check_workdir_writable(workdir)
   try:
-    ckpt_lib.check_resumable(workdir, config)
-  except ckpt_lib.IncompatibleCheckpointError as e:
+    workdir_lib.check_resumable(workdir, config)
+  except workdir_lib.IncompatibleWorkdirError as e:
     raise ConfigError(str(e)) from None
   return mesh
 
@@ -141,7 +142,7 @@ def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callab
     from tfx.data.pipeline import make_iterator
   is_chief = jax.process_index() == 0
   if is_chief:
-    ckpt_lib.save_config(workdir, config)
+    workdir_lib.save_config(workdir, config)
   with jax.set_mesh(mesh):
     return _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
 

@@ -1,0 +1,85 @@
+"""The workdir's own files besides checkpoints: config.json (save, read, migrate, resume check)."""
+import json
+import os
+
+import ml_collections
+from etils import epath
+
+from tfx import config as config_lib
+
+CONFIG_FILE = "config.json"
+# Keys whose change alters param shapes or structure; a resume must keep them.
+_SHAPE_IGNORED_MODEL_KEYS = {"dtype", "remat"}
+
+
+class NotAWorkdirError(FileNotFoundError):
+  """The workdir holds no config.json."""
+
+
+class IncompatibleWorkdirError(ValueError):
+  """A workdir's saved config differs from the requested one in model shape."""
+
+
+def _coerce_like(value, reference):
+  """JSON turns tuples into lists; put them back where the default is a tuple."""
+  if isinstance(reference, tuple) and isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def config_from_dict(raw: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict from a JSON dict, with tuple-typed defaults restored and keys added
+  since the run was saved filled from tfx.config.default() (whose defaults keep the
+  behaviour of the code before the key existed)."""
+  defaults = config_lib.default()
+
+  def convert(node, ref):
+    out = dict(ref) if isinstance(ref, dict) else {}
+    for key, value in node.items():
+      sub = ref.get(key) if isinstance(ref, dict) else None
+      out[key] = convert(value, sub if sub is not None else {}) if isinstance(value, dict) \
+          else _coerce_like(value, sub)
+    return out
+
+  return ml_collections.ConfigDict(convert(raw, defaults.to_dict()))
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  """Reads WORKDIR/config.json (raises NotAWorkdirError if absent)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise NotAWorkdirError(f"no {CONFIG_FILE} in {workdir}: not a tfx training workdir")
+  return config_from_dict(json.loads(path.read_text()))
+
+
+def save_config(workdir, config) -> None:
+  """Writes WORKDIR/config.json (the resolved config of the run)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def _shape_keys(config) -> dict:
+  c = config_from_dict(json.loads(config.to_json_best_effort()))
+  keys = {f"model.{k}": v for k, v in c.model.items() if k not in _SHAPE_IGNORED_MODEL_KEYS}
+  keys["image.patch_size"] = c.image.patch_size
+  keys["image.resolution"] = c.image.resolution
+  keys["autoencoder.latent_channels"] = c.autoencoder.latent_channels
+  keys["autoencoder.downsample"] = c.autoencoder.downsample
+  keys["optim.ema_decay>0"] = c.optim.ema_decay > 0
+  return keys
+
+
+def check_resumable(workdir, config) -> None:
+  """Raises IncompatibleWorkdirError if WORKDIR/config.json has another model shape."""
+  try:
+    saved = load_config(workdir)
+  except NotAWorkdirError:
+    return
+  old, new = _shape_keys(saved), _shape_keys(config)
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diff:
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+    raise IncompatibleWorkdirError(
+        f"{workdir} holds a run with another model shape ({changes}); use a new --workdir")
