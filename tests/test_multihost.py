@@ -115,20 +115,31 @@ def _run_two_processes(workdir, extra=()):
 
 
 def _losses(workdir) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
+
+
+# evaluation and sample grids at the last step; each process generates from its own gathered copy
+_EVAL = ["--config.eval_every_steps=4", "--config.sample_every_steps=4", "--config.diffusion.sample_steps=2"]
 
 
 def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path):
   single, multi = tmp_path / "one_by_8", tmp_path / "two_by_4"
-  reference = _launch(single, 8)
+  reference = _launch(single, 8, _EVAL)
   # processes are the DCN granules on CPU: the data axis spans the two processes
   dcn = ["--config.mesh.dcn_data=2"]
   _run_two_processes(multi, ["--config.stop_after_step=2", *dcn])
   assert sorted(_losses(multi)) == [1, 2]
   assert (multi / "checkpoints").is_dir()
-  _run_two_processes(multi, dcn)  # resumes from step 2
+  _run_two_processes(multi, [*dcn, *_EVAL])  # resumes from step 2
   _wait([reference])
   want, got = _losses(single), _losses(multi)
   assert sorted(want) == sorted(got) == [1, 2, 3, 4]
   for step in want:
     assert abs(want[step] - got[step]) < 1e-4, (step, want, got)
+  # the same evaluation as one process with the model sharded over its 8 devices
+  eval_want, eval_got = ([r for r in metrics.read_metrics(w) if "eval_ppl_text" in r] for w in (single, multi))
+  assert [r["step"] for r in eval_want] == [r["step"] for r in eval_got] == [4]
+  for key, value in eval_want[0].items():
+    assert abs(eval_got[0][key] - value) < 1e-3 * max(1.0, abs(value)), (key, eval_want, eval_got)
+  for workdir in (single, multi):
+    assert [p.name for p in (workdir / "samples").iterdir()] == ["text_to_image_00000004.png"]

@@ -115,18 +115,6 @@ def _sampling_model(graphdef, state: state_lib.TrainState):
   return nnx.merge(graphdef, state.params if state.ema is None else state.ema, state.rest)
 
 
-def evaluate(config, graphdef, state: state_lib.TrainState, step: int) -> dict:
-  """tfx.evaluate.quick_eval on the sampling model."""
-  from tfx import evaluate as evaluate_lib
-  return evaluate_lib.quick_eval(config, _sampling_model(graphdef, state), step)
-
-
-def sample_grid(config, graphdef, state: state_lib.TrainState) -> np.ndarray:
-  """One row of images per config.sample_prompts, drawn by the sampling model."""
-  from tfx import evaluate as evaluate_lib
-  return evaluate_lib.sample_grid(config, _sampling_model(graphdef, state))
-
-
 def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callable | None = None,
         make_iterator: Callable | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
@@ -175,6 +163,10 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   throughput = metrics_lib.Throughput(config.global_batch_size * config.seq_len,
                                       _flops_per_token(config), jax.device_count(), jax.devices()[0])
   delayed = metrics_lib.DelayedFetch()
+  evaluator = None
+  if config.eval_every_steps or config.sample_every_steps:
+    from tfx.eval.evaluator import Evaluator  # sampling needs the tokenizer and autoencoder
+    evaluator = Evaluator(config)
   train_step = None
   last = {}
 
@@ -214,11 +206,9 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
             handle(fetched)
           checkpointer.save(done, state.checkpoint_items(), iterator)
         if config.eval_every_steps and (done % config.eval_every_steps == 0 or done == stop):
-          writer.write(done, evaluate(config, factory.graphdef, state, done))
-        # The generator gathers images to one host; multi-process sampling is not built yet.
-        if (config.sample_every_steps and jax.process_count() == 1
-            and (done % config.sample_every_steps == 0 or done == stop)):
-          writer.write_image(done, "text_to_image", sample_grid(config, factory.graphdef, state))
+          writer.write(done, evaluator.run(_sampling_model(factory.graphdef, state)))
+        if config.sample_every_steps and (done % config.sample_every_steps == 0 or done == stop):
+          writer.write_image(done, "text_to_image", evaluator.sample_grid(_sampling_model(factory.graphdef, state)))
         if stopping:
           if is_chief:
             print(f"preempted (SIGTERM): saved the checkpoint at step {done}; stopping", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The evaluation suite over a model: text-to-image, captioning, perplexity and Frechet distance.
 
 `run(config, model, options)` returns flat float metrics with what was generated
-(tfx.evaluate.quick_eval is the cheap subset for training). Rates are fractions in
+(tfx.eval.evaluator.Evaluator runs a cheap subset during training). Rates are fractions in
 [0, 1]; sweep entries (extra guidance scales / step counts) carry a
 `@cfg{scale}_steps{n}` suffix, the first combination none.
 """
