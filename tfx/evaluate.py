@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from tfx import fs
 from tfx.eval import results, suite
 
 USAGE_ERROR = 2
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--steps must be >= 1, got {min(args.steps)}")
   if args.inception_weights and not os.path.isfile(args.inception_weights):
     p.error(f"--inception_weights {args.inception_weights} is not a file")
-  if not os.path.isdir(args.workdir):
+  if not fs.isdir(args.workdir):
     p.error(f"--workdir {args.workdir} does not exist")
   return args
 
@@ -112,8 +113,8 @@ def main(argv=None) -> int:
       sampler=args.sampler or config.diffusion.sampler,
       seed=args.seed, batch_size=args.batch_size, caption_tokens=args.caption_tokens,
       text_records=args.text_records, inception=args.inception_weights,
-      shapesnet=args.shapesnet or os.path.join(args.workdir, results.EVAL_SUBDIR,
-                                               f"shapesnet_{config.image.resolution}px.npz"))
+      shapesnet=args.shapesnet or fs.join(args.workdir, results.EVAL_SUBDIR,
+                                          f"shapesnet_{config.image.resolution}px.npz"))
   try:
     result = suite.run(config, model, options)
   except ValueError as e:

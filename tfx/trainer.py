@@ -1,6 +1,5 @@
 """The training loop: data -> state -> restore -> step / log / save, until total_steps."""
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -8,7 +7,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-from etils import epath
 
 from tfx import checkpoint as ckpt_lib
 from tfx import mesh as mesh_lib
@@ -64,12 +62,8 @@ def validate(config, workdir) -> jax.sharding.Mesh:
 
 
 def _check_workdir_writable(workdir) -> None:
-  path = epath.Path(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_probe_{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
+    workdir_lib.check_writable(workdir)
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 

@@ -1,11 +1,15 @@
-"""The workdir's own files besides checkpoints: config.json (save, read, migrate, resume check)."""
+"""The workdir itself, besides checkpoints: writable?, config.json (save, read, migrate, resume check).
+
+A workdir may be a URL (gs://...); its files go through tfx.fs.
+"""
 import json
 import os
+import uuid
 
 import ml_collections
-from etils import epath
 
 from tfx import config as config_lib
+from tfx import fs
 
 CONFIG_FILE = "config.json"
 # Keys whose change alters param shapes or structure; a resume must keep them.
@@ -44,20 +48,25 @@ def config_from_dict(raw: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(convert(raw, defaults.to_dict()))
 
 
+def check_writable(workdir) -> None:
+  """Makes WORKDIR and writes/removes a probe file; OSError when it cannot."""
+  fs.makedirs(workdir)
+  probe = fs.join(workdir, f".write_probe_{os.getpid()}_{uuid.uuid4().hex[:8]}")
+  fs.write_text(probe, "")
+  fs.remove(probe)
+
+
 def load_config(workdir) -> ml_collections.ConfigDict:
   """Reads WORKDIR/config.json (raises NotAWorkdirError if absent)."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
+  path = fs.join(workdir, CONFIG_FILE)
+  if not fs.exists(path):
     raise NotAWorkdirError(f"no {CONFIG_FILE} in {workdir}: not a tfx training workdir")
-  return config_from_dict(json.loads(path.read_text()))
+  return config_from_dict(json.loads(fs.read_text(path)))
 
 
 def save_config(workdir, config) -> None:
-  """Writes WORKDIR/config.json (the resolved config of the run)."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  """Writes WORKDIR/config.json (the resolved config of the run), replacing it whole."""
+  fs.write_text(fs.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def _shape_keys(config) -> dict:
