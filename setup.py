@@ -20,11 +20,15 @@ setup(
         "sentencepiece>=0.2",
         "ml-collections>=1.0",
         "absl-py",
+        "fsspec",  # workdir files on any filesystem (tfx/fs.py)
         "numpy",
         "pillow",
         "safetensors",
         "tensorboardX",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        "gcs": ["gcsfs"],  # gs:// workdirs (fsspec and etils.epath, which Orbax uses, read them through it)
+    },
 )

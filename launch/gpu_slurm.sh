@@ -10,12 +10,14 @@
 #     [--job_name=tfx] [--port=8476] [--python=python3] [--dry-print] \
 #     [-- EXTRA tfx.train FLAGS]
 #
+# A URL workdir (gs://...) makes the job first install tfx[gcs] (what tfx needs
+# to write there) into --python's environment, which every node must share.
 # --dry-print prints the sbatch script and the sbatch command instead of
 # submitting; the script and the job logs go to slurm_logs/ in the checkout.
 set -euo pipefail
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
 }
 
 die() {  # command-line misuse: one line, exit 2
@@ -90,6 +92,9 @@ script() {
   echo "set -euo pipefail"
   echo "cd $(q "$REPO")"
   echo 'export TFX_COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):'"$PORT"'"'
+  if [[ "$WORKDIR" =~ ^[A-Za-z0-9+.-]+:// ]]; then
+    q "$PY" -m pip install -q -e "$REPO[gcs]"
+  fi
   echo "srun --kill-on-bad-exit=1 bash -c $(q "$TASK") tfx-task $(q "$PY" -m tfx.train --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
 }
 

@@ -90,7 +90,7 @@ q() {  # one shell-quoted line; single quotes only where a word needs them
 }
 
 TRAIN="cd ~/tfx && python3 -m tfx.train $(q --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
-INSTALL="rm -rf ~/tfx && mkdir -p ~/tfx && tar -xzf ~/tfx-src.tar.gz -C ~/tfx && python3 -m pip install -q -U \"jax[tpu]\" -e ~/tfx"
+INSTALL="rm -rf ~/tfx && mkdir -p ~/tfx && tar -xzf ~/tfx-src.tar.gz -C ~/tfx && python3 -m pip install -q -U \"jax[tpu]\" -e \"\$HOME/tfx[gcs]\""
 
 # 1. create the slice(s) unless they exist
 if ((SLICES > 1)); then

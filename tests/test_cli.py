@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import checkpoint, metrics, trainer
+from tfx import metrics, restore, trainer, workdir as workdir_lib
 from train_helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,8 +67,8 @@ def test_sigkill_then_same_command_resumes_exactly(env, tmp_path):
   got = metrics.read_metrics(killed_dir)
   assert [r["step"] for r in got] == list(range(1, 41))  # steps after k logged once, not twice
   assert {r["step"]: r["loss"] for r in got if r["step"] > k} == {s: want[s] for s in range(k + 1, 41)}
-  _, model_a = checkpoint.restore_model(reference_dir, ema=False)
-  _, model_b = checkpoint.restore_model(killed_dir, ema=False)
+  _, model_a = restore.restore_model(reference_dir, ema=False)
+  _, model_b = restore.restore_model(killed_dir, ema=False)
   for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -76,7 +76,7 @@ def test_sigkill_then_same_command_resumes_exactly(env, tmp_path):
 def _guarded_workdir(path: pathlib.Path) -> pathlib.Path:
   """A workdir holding an earlier run's config.json (resolved, as the trainer saves it) that no bad command may touch."""
   path.mkdir(parents=True)
-  checkpoint.save_config(path, trainer.resolve(tiny_config()))
+  workdir_lib.save_config(path, trainer.resolve(tiny_config()))
   return path
 
 

@@ -1,4 +1,4 @@
-"""`python -m tfx.evaluate` and `quick_eval` end to end against a tiny checkpoint trained here."""
+"""`python -m tfx.evaluate` and the training Evaluator end to end against a tiny checkpoint trained here."""
 import json
 import math
 import os
@@ -8,6 +8,7 @@ import pytest
 
 import data_testing
 from tfx import evaluate, trainer
+from tfx.eval import results
 from tfx.data import shapes
 from tfx.eval import shapesnet
 
@@ -63,19 +64,25 @@ def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, cap
   assert any("tfevents" in f for f in os.listdir(os.path.join(workdir, "tensorboard")))
   # a second evaluation of the same step goes beside the first, never over it
   eval_dir = os.path.join(workdir, "eval")
-  assert evaluate._free_path(eval_dir, "2", ".json") == os.path.join(eval_dir, "2-1.json")
+  assert results._free_path(eval_dir, "2", ".json") == os.path.join(eval_dir, "2-1.json")
 
 
-def test_quick_eval_returns_eval_scalars_and_reuses_compiled_generator(workdir):
-  from tfx import checkpoint
-  config, model = checkpoint.restore_model(workdir)
-  first = evaluate.quick_eval(config, model, 2)
-  gen = evaluate._quick_cache["generator"]
-  second = evaluate.quick_eval(config, model, 2)
-  assert evaluate._quick_cache["generator"] is gen
+def test_evaluator_returns_eval_scalars_and_reuses_compiled_generator(workdir):
+  from tfx import restore
+  from tfx.eval.evaluator import Evaluator
+  config, model = restore.restore_model(workdir)
+  evaluator = Evaluator(config)
+  first = evaluator.run(model)
+  gen = evaluator._generator
+  second = evaluator.run(model)
+  assert evaluator._generator is gen
   assert first == second
   assert {"eval_t2i_pass", "eval_t2i_pass_single", "eval_caption_exact_match", "eval_ppl_text"} <= set(first)
   assert all(isinstance(v, float) and math.isfinite(v) for v in first.values())
+  grid = evaluator.sample_grid(model, samples_per_prompt=2)
+  assert evaluator._generator is gen
+  res = config.image.resolution
+  assert grid.dtype == np.uint8 and grid.shape == (len(config.sample_prompts) * (res + 2) + 2, 2 * (res + 2) + 2, 3)
 
 
 def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):

@@ -193,3 +193,15 @@ def test_slurm_one_process_per_node(fake_bin, tmp_path):
 def test_slurm_usage_errors(bad, message, fake_bin):
   r = _run(SLURM, *bad, env=fake_bin)
   assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_launchers_install_the_gcs_extra_for_url_workdirs():
+  tpu = [shlex.split(line) for line in _run(TPU, *TPU_ARGS, "--dry-print").stdout.splitlines()]
+  install = next(a for w in tpu for a in w if a.startswith("--command=rm -rf ~/tfx"))
+  assert shlex.split(install)[-2:] == ["-e", "$HOME/tfx[gcs]"]
+  slurm = [SLURM, "--nodes=2", "--gpus_per_node=8", f"--config={CONFIG}", "--dry-print"]
+  lines = _run(*slurm, "--workdir=gs://bucket/run").stdout.splitlines()
+  pip = next(i for i, line in enumerate(lines) if " pip install " in line)
+  assert shlex.split(lines[pip]) == ["python3", "-m", "pip", "install", "-q", "-e", f"{REPO}[gcs]"]
+  assert lines[pip + 1].startswith("srun ")
+  assert not any(" pip install " in line for line in _run(*slurm, "--workdir=/shared/run").stdout.splitlines())

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from tfx import mesh, metrics, record
 from tfx.data import pipeline
@@ -116,20 +117,35 @@ def _run_two_processes(workdir, extra=()):
 
 
 def _losses(workdir) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
+
+
+# evaluation and sample grids at the last step; each process generates from its own gathered copy
+_EVAL = ["--config.eval_every_steps=4", "--config.sample_every_steps=4", "--config.diffusion.sample_steps=2"]
 
 
 def test_two_processes_checkpoint_resume_and_match_one_process(tmp_path):
   single, multi = tmp_path / "one_by_8", tmp_path / "two_by_4"
-  reference = _launch(single, 8)
+  reference = _launch(single, 8, _EVAL)
   # processes are the DCN granules on CPU: the data axis spans the two processes
   dcn = ["--config.mesh.dcn_data=2"]
   _run_two_processes(multi, ["--config.stop_after_step=2", *dcn])
   assert sorted(_losses(multi)) == [1, 2]
   assert (multi / "checkpoints").is_dir()
-  _run_two_processes(multi, dcn)  # resumes from step 2
+  _run_two_processes(multi, [*dcn, *_EVAL])  # resumes from step 2
   _wait([reference])
   want, got = _losses(single), _losses(multi)
   assert sorted(want) == sorted(got) == [1, 2, 3, 4]
   for step in want:
     assert abs(want[step] - got[step]) < 1e-4, (step, want, got)
+  # the same evaluation as one process with the model sharded over its 8 devices
+  eval_want, eval_got = ([r for r in metrics.read_metrics(w) if "eval_ppl_text" in r] for w in (single, multi))
+  assert [r["step"] for r in eval_want] == [r["step"] for r in eval_got] == [4]
+  for key, value in eval_want[0].items():
+    assert abs(eval_got[0][key] - value) < 1e-3 * max(1.0, abs(value)), (key, eval_want, eval_got)
+  # the tiny config draws a grid at the end of every run: the 2-process one stopped at step 2 too
+  assert sorted(p.name for p in (single / "samples").iterdir()) == ["text_to_image_00000004.png"]
+  assert sorted(p.name for p in (multi / "samples").iterdir()) == [f"text_to_image_0000000{s}.png" for s in (2, 4)]
+  grid_want, grid_got = (np.asarray(Image.open(w / "samples" / "text_to_image_00000004.png"), np.int32)
+                         for w in (single, multi))
+  assert grid_want.shape == grid_got.shape and np.mean(np.abs(grid_want - grid_got) > 8) < 0.01

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import checkpoint, mesh as mesh_lib, metrics, optim, state as state_lib, step as step_lib, trainer
+from tfx import checkpoint, mesh as mesh_lib, metrics, optim, restore, state as state_lib, step as step_lib, trainer
 from tfx.data import pipeline
 from tfx.model import build_model
 from train_helpers import persistent_compile_cache, tiny_config
@@ -216,8 +216,8 @@ def test_sigterm_saves_and_resume_is_exact_even_on_another_mesh(uninterrupted, t
   resumed = trainer.run(config, tmp_path / "a")
   assert resumed["step"] == 4
   assert losses_by_step(tmp_path / "a") == losses_by_step(reference)  # the same floats
-  _, model_a = checkpoint.restore_model(reference, ema=False)
-  _, model_b = checkpoint.restore_model(tmp_path / "a", ema=False)
+  _, model_a = restore.restore_model(reference, ema=False)
+  _, model_b = restore.restore_model(tmp_path / "a", ema=False)
   for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -288,21 +288,21 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     trainer.run(config, tmp_path, make_iterator=poisoned)
   assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [2]
   assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2]
-  _, model = checkpoint.restore_model(tmp_path, ema=False)
+  _, model = restore.restore_model(tmp_path, ema=False)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
 def test_periodic_eval_sees_the_ema_params_and_is_logged(tmp_path, monkeypatch):
-  from tfx import evaluate
+  from tfx.eval import evaluator
   seen = []
 
-  def fake_quick_eval(config, model, step):
-    seen.append((step, np.asarray(model.final_norm.scale[...]).copy()))
-    return {"eval_marker": float(step)}
+  def fake_run(self, model):
+    seen.append((len(seen), np.asarray(model.final_norm.scale[...]).copy()))
+    return {"eval_marker": float(2 * len(seen))}
 
-  monkeypatch.setattr(evaluate, "quick_eval", fake_quick_eval)
+  monkeypatch.setattr(evaluator.Evaluator, "run", fake_run)
   trainer.run(tiny_config(**{"mesh.data": 8, "eval_every_steps": 2}), tmp_path)
-  assert [s for s, _ in seen] == [2, 4]
+  assert len(seen) == 2
   records = [r for r in metrics.read_metrics(tmp_path) if "eval_marker" in r]
   assert [(r["step"], r["eval_marker"]) for r in records] == [(2, 2.0), (4, 4.0)]
   ema = checkpoint.Checkpointer(tmp_path, read_only=True).read(4)["ema"]

@@ -13,7 +13,7 @@ def default() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3             # how many recent checkpoints to keep
   c.log_every_steps = 10             # write metrics.jsonl / TensorBoard this often
   c.eval_every_steps = 0             # 0 = no evaluation during training
-  c.sample_every_steps = 0           # 0 = no sample grids during training (single-process runs only)
+  c.sample_every_steps = 0           # 0 = no sample grids during training
   c.sample_prompts = (               # captions drawn into WORKDIR/samples/ every sample_every_steps
       "a red circle", "two blue squares", "a green triangle to the left of a yellow square",
       "three purple circles")

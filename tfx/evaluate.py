@@ -1,4 +1,4 @@
-"""`python -m tfx.evaluate --workdir=W`: scores a trained checkpoint; `quick_eval` for training.
+"""`python -m tfx.evaluate --workdir=W`: scores a trained checkpoint with tfx.eval.suite.
 
 Writes WORKDIR/eval/<step>.json (metrics, options, every generated caption with its
 reference), a PNG grid of the first 24 generated images beside it (prompts listed in the
@@ -7,17 +7,13 @@ short table. Sweeps: several --cfg_scales and/or --steps evaluate text-to-image 
 combination.
 """
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
-import numpy as np
-
-from tfx.eval import suite
+from tfx import fs
+from tfx.eval import results, suite
 
 USAGE_ERROR = 2
-EVAL_SUBDIR = "eval"
 
 TABLE = [  # (metric, label, format)
     ("t2i_pass", "text-to-image pass", "pct"),
@@ -74,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--steps must be >= 1, got {min(args.steps)}")
   if args.inception_weights and not os.path.isfile(args.inception_weights):
     p.error(f"--inception_weights {args.inception_weights} is not a file")
-  if not os.path.isdir(args.workdir):
+  if not fs.isdir(args.workdir):
     p.error(f"--workdir {args.workdir} does not exist")
   return args
 
@@ -101,116 +97,15 @@ def format_table(metrics: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
-def _free_path(directory: str, stem: str, ext: str) -> str:
-  """directory/stem.ext, or stem-1.ext, ... if taken: earlier results are never overwritten."""
-  path, i = os.path.join(directory, stem + ext), 0
-  while os.path.exists(path):
-    i += 1
-    path = os.path.join(directory, f"{stem}-{i}{ext}")
-  return path
-
-
-def write_results(workdir: str, step: int, result: suite.Result, options: suite.Options) -> str:
-  """WORKDIR/eval/<step>.json + <step>.png, TensorBoard scalars; returns the JSON path."""
-  from PIL import Image
-  from tensorboardX import SummaryWriter
-  from tfx import generate
-  out_dir = os.path.join(workdir, EVAL_SUBDIR)
-  os.makedirs(out_dir, exist_ok=True)
-  path = _free_path(out_dir, str(step), ".json")
-  captions = [{"reference": p.caption, "generated": c, "kind": p.kind, "held_out": p.held_out}
-              for p, c in zip(result.pairs.prompts, result.captions)]
-  record = {"step": step, "metrics": result.metrics, "options": dataclasses.asdict(options),
-            "captions": captions, "t2i_prompts": result.pairs.captions[:24]}
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, path)
-  images = result.images[:24]
-  scale = max(1, 64 // images.shape[1])  # small images are hard to see: nearest-neighbour upscale
-  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-  Image.fromarray(generate.image_grid(images, cols=8)).save(path[:-len(".json")] + ".png")
-  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  for key, value in result.metrics.items():
-    writer.add_scalar(f"eval/{key}", float(value), step)
-  writer.close()
-  return path
-
-
-QUICK_PAIRS = 12          # 4 prompts per caption kind, captioned back too
-QUICK_TEXT_RECORDS = 8
-_quick_cache: dict = {}
-
-
-def _quick_generator(config, model):
-  """A Generator for `model`, reusing the compiled one when only the params changed."""
-  from flax import nnx
-  from tfx import generate
-  graphdef = nnx.graphdef(model)
-  gen = _quick_cache.get("generator")
-  if gen is None or gen.graphdef != graphdef or gen.config.to_json() != config.to_json():
-    gen = generate.Generator(config, model)
-    _quick_cache["generator"] = gen
-  else:
-    gen.load_params(model)
-  return gen
-
-
-def quick_eval(config, model, step: int) -> dict[str, float]:
-  """A fast subset for evaluation during training: `eval_`-prefixed float scalars.
-
-  Text-to-image pass rates on 12 test prompts (4 per kind) at the config's sampler
-  settings, exact-match captions of their ground-truth images, held-out text
-  perplexity. Prompts and compiled functions are cached across calls.
-  """
-  del step  # the caller logs the result at its step
-  pairs = _quick_cache.get("pairs")
-  if pairs is None or _quick_cache.get("config") != config.to_json():
-    from tfx.eval import eval_set
-    pairs = eval_set.load_pairs(config, "test", QUICK_PAIRS)
-    _quick_cache.clear()
-    _quick_cache.update(pairs=pairs, config=config.to_json())
-  gen = _quick_generator(config, model)
-  metrics = {}
-  if pairs.has_kinds:
-    images = suite.generate_images(gen, pairs.captions, batch_size=QUICK_PAIRS, seed=0, cfg_scale=None,
-                                   steps=None, sampler=None)
-    t2i = suite.text_to_image_scores(pairs, images)
-    metrics.update({k: t2i[k] for k in ("t2i_pass", "t2i_pass_single", "t2i_pass_count", "t2i_pass_relation")})
-  captions = suite.generate_captions(gen, pairs.images, batch_size=QUICK_PAIRS, max_tokens=24, seed=0)
-  metrics.update({k: v for k, v in suite.caption_scores(pairs, captions).items() if k != "caption_num"})
-  from tfx.eval import eval_set, perplexity
-  if "text_records" not in _quick_cache:
-    _quick_cache["text_records"] = eval_set.text_records(config, QUICK_TEXT_RECORDS)
-    _quick_cache["nll_fn"] = perplexity.make_nll_fn(gen.graphdef)
-  records = _quick_cache["text_records"]
-  if records:
-    metrics["ppl_text"], _ = perplexity.perplexity(model, eval_set.batches(records, QUICK_TEXT_RECORDS),
-                                                   _quick_cache["nll_fn"])
-  return {f"eval_{k}": float(v) for k, v in metrics.items()}
-
-
-def sample_grid(config, model, *, samples_per_prompt: int = 4) -> np.ndarray:
-  """uint8 grid: one row per config.sample_prompts, `samples_per_prompt` images each (seed 0)."""
-  from tfx import generate
-  prompts = [p for p in config.sample_prompts for _ in range(samples_per_prompt)]
-  images = _quick_generator(config, model).text_to_image(prompts, seed=0, batch_size=len(prompts))
-  return generate.image_grid(images, cols=samples_per_prompt)
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from tfx import checkpoint
+  from tfx import restore
   try:
-    config, model = checkpoint.restore_model(args.workdir, args.step, ema=not args.no_ema)
-  except checkpoint.NoCheckpointError as e:
+    config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema)
+  except restore.RestoreError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
-  step = args.step
-  if step is None:
-    ckpt = checkpoint.Checkpointer(args.workdir, read_only=True)
-    step = ckpt.latest_step()
-    ckpt.close()
+  step = restore.latest_step(args.workdir) if args.step is None else args.step
   options = suite.Options(
       split=args.split, num=args.num, num_heldout=args.num_heldout,
       cfg_scales=tuple(args.cfg_scales or (config.diffusion.cfg_scale,)),
@@ -218,14 +113,14 @@ def main(argv=None) -> int:
       sampler=args.sampler or config.diffusion.sampler,
       seed=args.seed, batch_size=args.batch_size, caption_tokens=args.caption_tokens,
       text_records=args.text_records, inception=args.inception_weights,
-      shapesnet=args.shapesnet or os.path.join(args.workdir, EVAL_SUBDIR,
-                                               f"shapesnet_{config.image.resolution}px.npz"))
+      shapesnet=args.shapesnet or fs.join(args.workdir, results.EVAL_SUBDIR,
+                                          f"shapesnet_{config.image.resolution}px.npz"))
   try:
     result = suite.run(config, model, options)
   except ValueError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
-  path = write_results(args.workdir, step, result, options)
+  path = results.write(args.workdir, step, result, options)
   held = sum(p.held_out for p in result.pairs.prompts)
   print(f"step {step}: {len(result.pairs) - held} {args.split} pairs (rates below), {held} held-out "
         "(held-out rows)")

@@ -1,4 +1,5 @@
 """Training metrics: JSONL + TensorBoard writers, delayed fetch, MFU, NaN guard, progress line."""
+import io
 import json
 import math
 import sys
@@ -7,7 +8,8 @@ from typing import Callable
 
 import jax
 import numpy as np
-from etils import epath
+
+from tfx import fs
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -97,27 +99,24 @@ class MetricsWriter:
 
   def __init__(self, workdir, *, enabled: bool = True):
     self.enabled = enabled
-    self.path = epath.Path(workdir) / METRICS_FILE
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+    self.workdir = str(workdir)
+    self.path = fs.join(workdir, METRICS_FILE)
+    self._tb = fs.tensorboard_writer(fs.join(workdir, "tensorboard")) if enabled else None
 
   def drop_after(self, step: int) -> None:
     """Removes records past `step` (left by a run killed after its last checkpoint)."""
-    if not self.enabled or not self.path.exists():
+    if not self.enabled or not fs.exists(self.path):
       return
-    lines = self.path.read_text().splitlines()
+    lines = fs.read_text(self.path).splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-      self.path.write_text("".join(line + "\n" for line in kept))
+      fs.write_text(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    fs.append_text(self.path, json.dumps(record) + "\n")
     for key, value in metrics.items():
       tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
       self._tb.add_scalar(tag, float(value), int(step))
@@ -127,10 +126,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     from PIL import Image
-    out = self.path.parent / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / f"{name}_{int(step):08d}.png").open("wb") as f:
-      Image.fromarray(np.asarray(image_HW3, np.uint8)).save(f, format="PNG")
+    png = io.BytesIO()
+    Image.fromarray(np.asarray(image_HW3, np.uint8)).save(png, format="PNG")
+    fs.write_bytes(fs.join(self.workdir, "samples", f"{name}_{int(step):08d}.png"), png.getvalue())
     self._tb.add_image(f"samples/{name}", np.asarray(image_HW3, np.uint8), int(step), dataformats="HWC")
 
   def close(self) -> None:
@@ -140,10 +138,10 @@ class MetricsWriter:
 
 def read_metrics(workdir) -> list[dict]:
   """All records of WORKDIR/metrics.jsonl in order."""
-  path = epath.Path(workdir) / METRICS_FILE
-  if not path.exists():
+  path = fs.join(workdir, METRICS_FILE)
+  if not fs.exists(path):
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
 
 
 class Progress:

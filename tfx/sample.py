@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
       prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
       _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
-    from tfx import autoencoder, checkpoint, generate
+    from tfx import autoencoder, generate, restore
     try:
-      config, model = checkpoint.restore_model(args.workdir, args.step, ema=not args.no_ema)
-    except checkpoint.NoCheckpointError as e:
+      config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema)
+    except restore.RestoreError as e:
       raise UsageError(str(e)) from None
     if args.steps is not None and args.steps > config.diffusion.num_timesteps:
       raise UsageError(f"--steps {args.steps} exceeds the {config.diffusion.num_timesteps} training timesteps")

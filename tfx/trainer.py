@@ -1,6 +1,5 @@
 """The training loop: data -> state -> restore -> step / log / save, until total_steps."""
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -9,7 +8,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-from etils import epath
 
 from tfx import checkpoint as ckpt_lib
 from tfx import mesh as mesh_lib
@@ -18,6 +16,7 @@ from tfx import optim
 from tfx import profiler as profiler_lib
 from tfx import state as state_lib
 from tfx import step as step_lib
+from tfx import workdir as workdir_lib
 
 
 class ConfigError(ValueError):
@@ -84,19 +83,15 @@ def validate(config, workdir) -> jax.sharding.Mesh:
                       f"the data-parallel size {dp} (mesh data*fsdp = {dict(mesh.shape)})")
   _check_workdir_writable(workdir)
   try:
-    ckpt_lib.check_resumable(workdir, config)
-  except ckpt_lib.IncompatibleCheckpointError as e:
+    workdir_lib.check_resumable(workdir, config)
+  except workdir_lib.IncompatibleWorkdirError as e:
     raise ConfigError(str(e)) from None
   return mesh
 
 
 def _check_workdir_writable(workdir) -> None:
-  path = epath.Path(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_probe_{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
+    workdir_lib.check_writable(workdir)
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
@@ -147,18 +142,6 @@ def _sampling_model(graphdef, state: state_lib.TrainState):
   return nnx.merge(graphdef, state.params if state.ema is None else state.ema, state.rest)
 
 
-def evaluate(config, graphdef, state: state_lib.TrainState, step: int) -> dict:
-  """tfx.evaluate.quick_eval on the sampling model."""
-  from tfx import evaluate as evaluate_lib
-  return evaluate_lib.quick_eval(config, _sampling_model(graphdef, state), step)
-
-
-def sample_grid(config, graphdef, state: state_lib.TrainState) -> np.ndarray:
-  """One row of images per config.sample_prompts, drawn by the sampling model."""
-  from tfx import evaluate as evaluate_lib
-  return evaluate_lib.sample_grid(config, _sampling_model(graphdef, state))
-
-
 def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callable | None = None,
         make_iterator: Callable | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
@@ -174,7 +157,7 @@ def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callab
     from tfx.data.pipeline import make_iterator
   is_chief = jax.process_index() == 0
   if is_chief:
-    ckpt_lib.save_config(workdir, config)
+    workdir_lib.save_config(workdir, config)
   with jax.set_mesh(mesh):
     return _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
 
@@ -209,6 +192,10 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   delayed = metrics_lib.DelayedFetch()
   profiler = profiler_lib.StepProfiler(workdir, config.profile_start_step, config.profile_steps,
                                        enabled=is_chief)
+  evaluator = None
+  if config.eval_every_steps or config.sample_every_steps:
+    from tfx.eval.evaluator import Evaluator  # sampling needs the tokenizer and autoencoder
+    evaluator = Evaluator(config)
   train_step = None
   last = {}
   waits = {}   # step -> seconds its next(iterator) took, until logged
@@ -255,11 +242,9 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
             handle(fetched)
           checkpointer.save(done, state.checkpoint_items(), iterator)
         if config.eval_every_steps and (done % config.eval_every_steps == 0 or done == stop):
-          writer.write(done, evaluate(config, factory.graphdef, state, done))
-        # The generator gathers images to one host; multi-process sampling is not built yet.
-        if (config.sample_every_steps and jax.process_count() == 1
-            and (done % config.sample_every_steps == 0 or done == stop)):
-          writer.write_image(done, "text_to_image", sample_grid(config, factory.graphdef, state))
+          writer.write(done, evaluator.run(_sampling_model(factory.graphdef, state)))
+        if config.sample_every_steps and (done % config.sample_every_steps == 0 or done == stop):
+          writer.write_image(done, "text_to_image", evaluator.sample_grid(_sampling_model(factory.graphdef, state)))
         if stopping:
           if is_chief:
             print(f"preempted (SIGTERM): saved the checkpoint at step {done}; stopping", file=sys.stderr)

@@ -5,13 +5,15 @@ It learns, for every (colour, shape) pair, how many such objects an image holds
 Weights are saved as a plain .npz (no pickle).
 """
 import dataclasses
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from tfx import fs
 
 FEATURE_DIM = 128
 
@@ -116,17 +118,16 @@ def save(model: ShapesNet, path: str) -> None:
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   arrays = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat}
   arrays["spec"] = np.array([model.spec.resolution, model.spec.num_heads, model.spec.num_classes])
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  fs.write_bytes(path, buffer.getvalue())
 
 
 def load(path: str) -> ShapesNet:
   """Reads a ShapesNet written by `save`."""
   if not path.endswith(".npz"):
     raise ValueError(f"shapesnet weights must be an .npz file written by tfx, got {path!r}")
-  with np.load(path, allow_pickle=False) as f:
+  with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as f:
     arrays = dict(f)
   spec = ShapesNetSpec(*(int(v) for v in arrays.pop("spec")))
   model = ShapesNet(spec, nnx.Rngs(0))

@@ -1,17 +1,17 @@
 """The evaluation suite over a model: text-to-image, captioning, perplexity and Frechet distance.
 
 `run(config, model, options)` returns flat float metrics with what was generated
-(tfx.evaluate.quick_eval is the cheap subset for training). Rates are fractions in
+(tfx.eval.evaluator.Evaluator runs a cheap subset during training). Rates are fractions in
 [0, 1]; sweep entries (extra guidance scales / step counts) carry a
 `@cfg{scale}_steps{n}` suffix, the first combination none.
 """
 import dataclasses
-import os
 import time
 from typing import Callable
 
 import numpy as np
 
+from tfx import fs
 from tfx.eval import captioning, eval_set, fd, perplexity, shapesnet, t2i
 
 SHAPESNET_STEPS = 1200
@@ -89,7 +89,7 @@ def perplexities(config, model, gen, pairs: eval_set.PairSet, *, text_records: i
 
 def load_or_train_shapesnet(path: str, resolution: int, log: Callable = _log_to_stderr) -> shapesnet.ShapesNet:
   """The ShapesNet at `path` if it exists (at this resolution), else one trained now and saved there."""
-  if path and os.path.exists(path):
+  if path and fs.exists(path):
     net = shapesnet.load(path)
     if net.spec.resolution == resolution:
       return net

@@ -1,0 +1,41 @@
+"""What `tfx.evaluate` leaves in a workdir: eval/<step>.json, eval/<step>.png, TensorBoard scalars."""
+import dataclasses
+import io
+import json
+
+from tfx import fs
+from tfx.eval import suite
+
+EVAL_SUBDIR = "eval"
+
+
+def _free_path(directory: str, stem: str, ext: str) -> str:
+  """directory/stem.ext, or stem-1.ext, ... if taken: earlier results are never overwritten."""
+  path, i = fs.join(directory, stem + ext), 0
+  while fs.exists(path):
+    i += 1
+    path = fs.join(directory, f"{stem}-{i}{ext}")
+  return path
+
+
+def write(workdir: str, step: int, result: suite.Result, options: suite.Options) -> str:
+  """WORKDIR/eval/<step>.json + <step>.png, TensorBoard scalars; returns the JSON path."""
+  from PIL import Image
+  from tfx import generate
+  path = _free_path(fs.join(workdir, EVAL_SUBDIR), str(step), ".json")
+  captions = [{"reference": p.caption, "generated": c, "kind": p.kind, "held_out": p.held_out}
+              for p, c in zip(result.pairs.prompts, result.captions)]
+  record = {"step": step, "metrics": result.metrics, "options": dataclasses.asdict(options),
+            "captions": captions, "t2i_prompts": result.pairs.captions[:24]}
+  fs.write_text(path, json.dumps(record, indent=1))
+  images = result.images[:24]
+  scale = max(1, 64 // images.shape[1])  # small images are hard to see: nearest-neighbour upscale
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  png = io.BytesIO()
+  Image.fromarray(generate.image_grid(images, cols=8)).save(png, format="PNG")
+  fs.write_bytes(path[:-len(".json")] + ".png", png.getvalue())
+  writer = fs.tensorboard_writer(fs.join(workdir, "tensorboard"))
+  for key, value in result.metrics.items():
+    writer.add_scalar(f"eval/{key}", float(value), step)
+  writer.close()
+  return path

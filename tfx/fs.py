@@ -1,0 +1,143 @@
+"""Paths that may be URLs (gs://, s3://, memory://): one small layer over fsspec.
+
+Every file tfx keeps in a workdir goes through here (config.json, metrics.jsonl,
+TensorBoard events, sample grids, eval results) except the Orbax checkpoints,
+which Orbax writes itself. A gs:// path needs gcsfs: `pip install tfx[gcs]`.
+"""
+import io
+import os
+import posixpath
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def _fs(path) -> tuple[fsspec.AbstractFileSystem, str]:
+  try:
+    return fsspec.core.url_to_fs(str(path))
+  except ImportError as e:  # e.g. gs:// without gcsfs
+    raise ImportError(f"cannot open {path}: {e} (pip install 'tfx[gcs]' brings what gs:// needs)") from None
+
+
+def is_local(path) -> bool:
+  return isinstance(_fs(path)[0], LocalFileSystem)
+
+
+def join(base, *parts: str) -> str:
+  """base/part/...; URLs always join with '/'."""
+  base = str(base)
+  return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
+
+
+def exists(path) -> bool:
+  fs, p = _fs(path)
+  return fs.exists(p)
+
+
+def isdir(path) -> bool:
+  fs, p = _fs(path)
+  return fs.isdir(p)
+
+
+def makedirs(path) -> None:
+  fs, p = _fs(path)
+  fs.makedirs(p, exist_ok=True)
+
+
+def remove(path) -> None:
+  fs, p = _fs(path)
+  fs.rm(p)
+
+
+def listdir(path) -> list[str]:
+  """Names (not paths) in a folder."""
+  fs, p = _fs(path)
+  return sorted(posixpath.basename(q.rstrip("/")) for q in fs.ls(p, detail=False))
+
+
+def open(path, mode: str = "r"):  # noqa: A001 - the file layer's open
+  """A file object (text unless 'b' in mode); parent folders are made for writes."""
+  fs, p = _fs(path)
+  if any(m in mode for m in "wa"):
+    fs.makedirs(posixpath.dirname(p), exist_ok=True)
+  if "b" in mode:
+    return fs.open(p, mode)
+  return io.TextIOWrapper(fs.open(p, mode.replace("t", "") + "b"), encoding="utf-8", newline="")
+
+
+def read_text(path) -> str:
+  with open(path, "r") as f:
+    return f.read()
+
+
+def read_bytes(path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def write_bytes(path, data: bytes) -> None:
+  """Replaces the file whole: readers see the old or the new content, never a part.
+
+  Local files go through a temporary name and os.replace; an object store's
+  upload is already all-or-nothing.
+  """
+  fs, p = _fs(path)
+  if not isinstance(fs, LocalFileSystem):
+    with open(path, "wb") as f:
+      f.write(data)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+  tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+  with fs.open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, p)
+
+
+def write_text(path, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
+
+
+def append_text(path, text: str) -> None:
+  """Appends to a file; object stores cannot append, so there the file is rewritten whole."""
+  if is_local(path):
+    with open(path, "a") as f:
+      f.write(text)
+    return
+  old = read_bytes(path) if exists(path) else b""
+  write_bytes(path, old + text.encode("utf-8"))
+
+
+class _RewrittenFile:
+  """A TensorBoard event file on an object store: buffered, uploaded whole at each flush."""
+
+  def __init__(self, path: str):
+    self.path, self._buffer = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    write_bytes(self.path, self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _TensorBoardFactory:
+  """tensorboardX's hook for URL log dirs, over fsspec (its own gs:// writer needs google-cloud-storage)."""
+
+  def open(self, path: str) -> _RewrittenFile:
+    return _RewrittenFile(path)
+
+  def directory_check(self, path: str) -> None:
+    makedirs(path)
+
+
+def tensorboard_writer(logdir):
+  """A tensorboardX SummaryWriter that writes to `logdir`, local or URL."""
+  from tensorboardX import SummaryWriter, record_writer
+  logdir = str(logdir)
+  if not is_local(logdir):
+    record_writer.register_writer_factory(logdir.split(":")[0], _TensorBoardFactory())
+  return SummaryWriter(logdir)
