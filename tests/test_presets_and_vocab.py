@@ -14,7 +14,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 import tfx.config
-from tfx import checkpoint, record, trainer
+from tfx import record, trainer
+from tfx import workdir as workdir_lib
 from tfx.data import pipeline, tokenizer
 from tfx.model import build_model, presets
 from data_testing import small_config
@@ -72,8 +73,8 @@ def test_a_preset_named_but_not_applied_is_an_error_and_old_workdir_configs_reso
   # config.json of a run saved before presets applied first: the preset's sizes and 32000 written out
   saved = tfx.config.default().to_dict()
   saved["model"].update(presets.PRESETS["0.16B"], preset="0.16B", vocab_size=32000, n_layers=16)
-  resolved = presets.resolve(checkpoint.config_from_dict(saved))
-  assert resolved.model.to_dict() == checkpoint.config_from_dict(saved).model.to_dict()
+  resolved = presets.resolve(workdir_lib.config_from_dict(saved))
+  assert resolved.model.to_dict() == workdir_lib.config_from_dict(saved).model.to_dict()
 
 
 def test_a_derived_vocabulary_resuming_keeps_the_saved_size_when_the_tokenizer_fits(tmp_path):
@@ -82,7 +83,7 @@ def test_a_derived_vocabulary_resuming_keeps_the_saved_size_when_the_tokenizer_f
   for saved, want in ((1280, 1280), (512, 1024)):  # 512 < the 1024 ids needed: derived (and refused on resume)
     d = c.copy_and_resolve_references()
     d.model.vocab_size = saved
-    checkpoint.save_config(tmp_path, d)
+    workdir_lib.save_config(tmp_path, d)
     assert trainer.resolve(c, tmp_path).model.vocab_size == want
   d.model.vocab_size = 1000
   with pytest.raises(trainer.ConfigError, match="model.vocab_size=1000 is smaller than the 1024 ids"):
@@ -121,4 +122,4 @@ def test_pipeline_model_and_a_train_step_use_the_llama_layout_tokenizer(tmp_path
   assert model.embed.table.shape == (4096, c.model.d_model)
   result = trainer.run(c, tmp_path)
   assert result["step"] == 2 and np.isfinite(result["loss"])
-  assert checkpoint.load_config(tmp_path).model.vocab_size == 4096
+  assert workdir_lib.load_config(tmp_path).model.vocab_size == 4096

@@ -33,8 +33,8 @@ def resolve(config, workdir=None):
   try:
     if not config.model.vocab_size and workdir is not None:
       try:
-        saved = ckpt_lib.load_config(workdir).model.vocab_size
-      except ckpt_lib.NoCheckpointError:
+        saved = workdir_lib.load_config(workdir).model.vocab_size
+      except workdir_lib.NotAWorkdirError:
         saved = 0
       if saved and saved >= tokenizer.ids_needed(config):
         config = config.copy_and_resolve_references()
