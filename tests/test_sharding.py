@@ -14,10 +14,13 @@ from tfx.model import presets
 from core_batches import fast_rngs, random_batch
 
 
-def test_sharded_forward_backward_matches_one_device():
+@pytest.mark.parametrize("attention", ["dense", "flash"])
+def test_sharded_forward_backward_matches_one_device(attention):
+  """flash: the kernel (interpret mode) runs per device under shard_map; one device, no mesh."""
   assert len(jax.devices()) >= 8
   config = tfx.config.default()
   presets.apply(config, "tiny")  # 4 heads, 2 kv heads, d_model 64: all divisible by 2
+  config.model.attention = attention
   config.image.resolution, config.image.patch_size = 8, 2
   device_mesh = mesh.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)), jax.devices()[:8])
 
@@ -41,6 +44,8 @@ def test_sharded_forward_backward_matches_one_device():
     params = jax.jit(init, out_shardings=shardings)()
     batch = {k: jax.device_put(v, mesh.batch_sharding(device_mesh, v.ndim)) for k, v in batch_np.items()}
     loss_sharded, grads_sharded = step(params, batch)
+    if attention == "flash":  # the kernel ran per device, not gathered whole by the partitioner
+      assert "shard_map" in str(jax.make_jaxpr(loss_and_grad)(params, batch))
     # params laid out as the rules say: vocab/heads/mlp over "tensor", embed over "fsdp"
     assert params["embed"]["table"].sharding.spec == P("tensor", "fsdp")
     assert params["blocks"][0]["attn"]["q"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
