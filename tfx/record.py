@@ -63,17 +63,18 @@ def check(record: dict, seq_len: int, patch_dim: int) -> None:
 def random_batch(rng: np.random.Generator, batch: int, seq_len: int, n: int, patch_dim: int,
                  vocab: int, max_images: int = 3, min_segments: int = 1, boi: int = 1, eoi: int = 2
                  ) -> dict[str, np.ndarray]:
-  """Random records packed with segments of text runs and 0..max_images images (boi, n patches, eoi).
+  """Random records packed with segments of text runs and images (boi, n patches, eoi), at most
+  max_images per record, as the packer guarantees (the U-Net has that many slots per row).
 
   Valid input for the model and losses at any size: the tests' batches and the dry run's timed steps.
   """
   out = zeros(seq_len, patch_dim, (batch,))
   for b in range(batch):
-    items, seg = [], 0
+    items, seg, row_images = [], 0, 0
     while True:
       seg += 1
       fit = max(0, (seq_len - len(items) - 5) // (n + 5))  # images that still fit with some text
-      n_img = int(rng.integers(0, min(max_images, fit) + 1))
+      n_img = int(rng.integers(0, min(max_images - row_images, fit) + 1))
       seg_items = []
       for _ in range(n_img):
         seg_items += [("text", int(rng.integers(3, vocab))) for _ in range(int(rng.integers(0, 4)))]
@@ -82,6 +83,7 @@ def random_batch(rng: np.random.Generator, batch: int, seq_len: int, n: int, pat
       seg_items += [("text", int(rng.integers(3, vocab))) for _ in range(int(rng.integers(1, 6)))]
       if len(items) + len(seg_items) > seq_len:
         break
+      row_images += n_img
       items += [(seg, kind, v) for kind, v in seg_items]
       if seg >= min_segments and rng.random() < 0.3:
         break
