@@ -175,3 +175,28 @@ def test_query_blocked_attention_matches_dense():
   # the [.., L, L] fp32 scores never exist: only [.., QUERY_BLOCK, L] blocks inside a loop
   jaxpr = str(jax.make_jaxpr(lambda *a: attention.dot_attention(*a, mask))(q, k, v))
   assert f"f32[2,2,2,{attention.QUERY_BLOCK},{L}]" in jaxpr and f"f32[2,2,2,{L},{L}]" not in jaxpr
+
+
+def test_timed_records_are_packed_full_like_the_configs_mix():
+  """dryrun.random_batch: rows full but for a pair that did not fit, images at about the
+  config's share of positions and never past the per-record cap, whole images only."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "transfusion.py"
+  spec = importlib.util.spec_from_file_location("transfusion_exp", path)
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  config = exp.get_config("size=0.16B")
+  config.global_batch_size = 16
+  config.model.vocab_size = 32128
+  batch = dryrun.random_batch(config, np.random.default_rng(0))
+  n = 256
+  is_image = batch["modality"] == 1
+  share = config.data.image_text_weight / (config.data.image_text_weight + config.data.text_weight)
+  pair_share = (is_image.sum() * (n + 2 + 32) / n) / batch["segment_ids"].astype(bool).sum()
+  assert abs(pair_share - share) < 0.1
+  assert (batch["segment_ids"] == 0).mean() < 0.05
+  assert batch["image_ids"].max(axis=1).max() <= config.image.max_images_per_seq
+  for row_ids, row_image in zip(batch["image_ids"], is_image):
+    counts = np.bincount(row_ids[row_image])[1:]
+    assert np.all(counts == n)

@@ -261,3 +261,41 @@ def test_bfloat16_compute_keeps_fp32_params_and_outputs():
   scale = np.abs(logits[live]).mean()
   assert np.abs(np.asarray(logits_bf16)[live] - logits[live]).mean() < 0.05 * scale
   assert np.abs(np.asarray(logits_bf16) - logits).max() > 0  # bf16 really was used
+
+
+def test_unet_image_slots_equal_each_image_alone():
+  """Packed rows with 0..max_images_per_seq images: every image's U-Net output (encode, and decode
+  of it) equals that image run alone; an image past the bound turns NaN instead of borrowing a slot."""
+  layers = _model("unet").patches
+  graphdef, state = nnx.split(layers)
+  M, n = _config().image.max_images_per_seq, 16
+
+  @jax.jit
+  def run(state, patches, t, modality_BL):
+    mod = nnx.merge(graphdef, state)
+    x, ctx = mod.encode(patches, t, modality_BL)
+    return x, mod.decode(x, ctx)
+
+  rng = np.random.default_rng(7)
+  b = random_batch(rng, 7, 96, n, 12, vocab=200, max_images=M)
+  text_row = random_batch(rng, 1, 96, n, 12, vocab=200, max_images=0)
+  b = {k: np.concatenate([b[k], text_row[k]]) for k in b}
+  counts = b["image_ids"].max(axis=1)
+  assert counts.max() == M and counts.min() == 0 and len(set(counts)) >= 3, counts
+  t_BL = rng.uniform(0, 1000, size=b["modality"].shape).astype(np.float32)
+  starts = [(r, i) for r in range(8) for i in range(96)
+            if b["modality"][r, i] == 1 and (i == 0 or b["modality"][r, i - 1] == 0)]
+  t_BL[b["modality"] == 1] = np.concatenate([[t_BL[r, i]] * n for r, i in starts])  # one t per image
+  x, out = run(state, b["patches"], t_BL, b["modality"])
+  alone_patches = np.stack([b["patches"][r, i:i + n] for r, i in starts])
+  alone_t = np.stack([t_BL[r, i:i + n] for r, i in starts])
+  x_ref, out_ref = run(state, alone_patches, alone_t, np.ones(alone_t.shape, np.int32))
+  for j, (r, i) in enumerate(starts):
+    np.testing.assert_allclose(x[r, i:i + n], x_ref[j], atol=1e-5)
+    np.testing.assert_allclose(out[r, i:i + n], out_ref[j], atol=1e-5)
+
+  over = random_batch(np.random.default_rng(8), 4, 128, n, 12, vocab=200, max_images=M + 1)
+  assert over["image_ids"].max() == M + 1
+  x_over, _ = run(state, over["patches"], np.zeros((4, 128), np.float32), over["modality"])
+  past = over["image_ids"] > M
+  assert np.isnan(np.asarray(x_over)[past]).all() and not np.isnan(np.asarray(x_over)[~past]).any()

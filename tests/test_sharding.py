@@ -77,3 +77,25 @@ def test_every_param_divides_over_the_mesh(encoder, preset):
     for dim, axes in zip(leaf.shape, tuple(spec)):
       parts = int(np.prod([sizes[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
       assert dim % parts == 0, (leaf.shape, spec)
+
+
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_paper_unet_weights_shard_over_fsdp(patch):
+  """The paper's ~0.27B U-Net (experiments/transfusion.py) on an fsdp mesh of 8 simulated devices:
+  no param over 1M elements is replicated, and every fsdp-split dim also divides over 64 devices."""
+  from experiments import transfusion
+  config = transfusion.get_config(f"size=0.16B,encoder=unet,patch={patch}")
+  abstract = nnx.eval_shape(lambda: tfx.model.build_model(config, nnx.Rngs(0)))
+  state = nnx.state(abstract.patches, nnx.Param)
+  device_mesh = mesh.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1)), jax.devices()[:8])
+  shardings = jax.tree.leaves(mesh.state_shardings(state, device_mesh),
+                              is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  leaves = jax.tree.leaves(state)
+  big = [(leaf.shape, s.spec) for leaf, s in zip(leaves, shardings) if np.prod(leaf.shape) > 1e6]
+  assert sum(np.prod(leaf.shape) for leaf in leaves) > 2.5e8 and len(big) > 10
+  for leaf, s in zip(leaves, shardings):
+    if np.prod(leaf.shape) > 1e6:
+      assert not s.is_fully_replicated, (leaf.shape, s.spec)
+      assert np.prod(s.shard_shape(leaf.shape)) == np.prod(leaf.shape) // 8
+    for dim, axes in zip(leaf.shape, tuple(s.spec)):
+      assert axes != "fsdp" or dim % 64 == 0, (leaf.shape, s.spec)

@@ -399,6 +399,10 @@ class Generator:
 
   def _prefill_prompts(self, prompts: list[dict], extra: int):
     """Left-pads and caches prompts; returns (logits of each last position, cache, lengths_B, padded length)."""
+    images = max(int(p["image_ids"].max(initial=0)) for p in prompts)
+    if self.config.model.encoder == "unet" and images > self.config.image.max_images_per_seq:
+      raise ValueError(f"a prompt holds {images} images but the U-Net has "
+                       f"image.max_images_per_seq={self.config.image.max_images_per_seq} slots per row")
     Lp = _bucket(max(len(p["tokens"]) for p in prompts))
     batch, lengths_B = left_pad(prompts, Lp)
     logits_BV, cache = self._prefill(self.params, batch, self._empty_cache(len(prompts), Lp + extra))

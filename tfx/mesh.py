@@ -11,7 +11,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated).
-# Params: `embed` is sharded FSDP-style; `mlp`/`heads`/`kv`/`vocab` over tensor.
+# Params: `embed` and the U-Net's input channels `conv_in` are sharded FSDP-style;
+# `mlp`/`heads`/`kv`/`vocab`/`conv_out` over tensor.
 # Activations: the batch is split over every data-like axis.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
@@ -24,7 +25,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "patch": None,
     "t_embed": None,
-    "conv_in": None,
+    "conv_in": "fsdp",  # U-Net conv/dense input channels: ~0.27B paper params, sharded, not replicated
     "conv_out": "tensor",
     "conv_kernel": None,
     "norm": None,

@@ -69,10 +69,10 @@ class Conv(nnx.Module):
   """2-D convolution, NHWC, 'SAME' padding."""
 
   def __init__(self, c_in: int, c_out: int, size: int, *, stride: int = 1, rngs: nnx.Rngs,
-               dtype=jnp.float32, out_name: str = "conv_out"):
+               dtype=jnp.float32, in_name: str = "conv_in", out_name: str = "conv_out"):
     init = nnx.initializers.normal((size * size * c_in) ** -0.5)
     self.kernel = layers.param(rngs, init, (size, size, c_in, c_out),
-                               ("conv_kernel", "conv_kernel", "conv_in", out_name))
+                               ("conv_kernel", "conv_kernel", in_name, out_name))
     self.bias = layers.param(rngs, nnx.initializers.zeros, (c_out,), (out_name,))
     self.stride = stride
     self.dtype = dtype
@@ -140,8 +140,9 @@ def add_grid_embedding(x_BLD, modality_BL, grid_side: int):
 
 
 def image_slots(modality_BL, n: int, max_images: int):
-  """Start index of each image in order (slot), whether the slot is used, and each position's
-  (slot, offset in its image), with images as in `image_offsets`."""
+  """Start index of each image in order (slot), whether the slot is used, each position's
+  (slot, offset in its image), with images as in `image_offsets`, and where an image position
+  lies past the last slot (an image the bound leaves out)."""
   B, L = modality_BL.shape
   is_image_BL = modality_BL == record.IMAGE
   offset_BL = image_offsets(modality_BL, n)
@@ -150,7 +151,8 @@ def image_slots(modality_BL, n: int, max_images: int):
   onehot_BML = starts_flag_BL[:, None, :] & (slot_BL[:, None, :] == jnp.arange(max_images)[None, :, None])
   present_BM = onehot_BML.any(-1)
   starts_BM = jnp.argmax(onehot_BML, axis=-1)
-  return starts_BM, present_BM, jnp.clip(slot_BL, 0, max_images - 1), offset_BL
+  overflow_BL = is_image_BL & (slot_BL >= max_images)
+  return starts_BM, present_BM, jnp.clip(slot_BL, 0, max_images - 1), offset_BL, overflow_BL
 
 
 class UNetPatches(nnx.Module):
@@ -158,8 +160,12 @@ class UNetPatches(nnx.Module):
 
   Each image's n contiguous patches are regrouped into its latent grid [s*k, s*k, c]; log2(k)
   stride-2 levels bring it to [s, s, d_model], so any power-of-two patch size k works.
-  A sequence holds at most min(image.max_images_per_seq, L // n) images (the data packer
-  enforces the config bound); the timestep of an image is read at its first patch.
+  The U-Net runs on M = min(image.max_images_per_seq, L // n) image slots per row, used or
+  not: the packer (tfx/data/packing.py) never puts more images in a record, and
+  experiments/transfusion.py sets that cap from the data mix, not from L // n. An image past
+  the M-th would have no slot: its positions become NaN (the loss, then the trainer's finite
+  check, fails loudly) instead of silently reusing another image's output. The timestep of an
+  image is read at its first patch.
   """
 
   def __init__(self, *, patch_size: int, channels: int, grid_side: int, d_model: int,
@@ -175,7 +181,8 @@ class UNetPatches(nnx.Module):
     self.pos_embed = pos_embed
     t_dim = width(n_down) * 4
     self.t_embed = TimestepEmbed(t_embed_dim, t_dim, rngs=rngs, dtype=dtype)
-    self.conv_in = Conv(channels, width(0), 3, rngs=rngs, dtype=dtype)
+    # latent channels (3, 4, 8...) do not split over "fsdp"/"tensor": named like the patch vector
+    self.conv_in = Conv(channels, width(0), 3, rngs=rngs, dtype=dtype, in_name="patch")
     self.down_blocks = nnx.List([nnx.List([ResBlock(width(l), width(l), t_dim, rngs=rngs, dtype=dtype)
                                            for _ in range(blocks_per_level)]) for l in range(n_down)])
     self.downsamples = nnx.List([Conv(width(l), width(l + 1), 3, stride=2, rngs=rngs, dtype=dtype)
@@ -193,14 +200,13 @@ class UNetPatches(nnx.Module):
                                                   rngs=rngs, dtype=dtype)
                                          for b in range(blocks_per_level)]) for l in range(n_down)])
     self.norm_out = layers.LayerNorm(width(0), rngs=rngs)
-    # latent channels (3, 4, 8...) do not split over "tensor": named like the patch vector
     self.conv_out = Conv(width(0), channels, 3, rngs=rngs, dtype=dtype, out_name="patch")
 
   def encode(self, patches_BLP, t_BL, modality_BL):
     B, L, P = patches_BLP.shape
     n = self.side * self.side
     M = max(1, min(self.max_images, L // n))
-    starts_BM, present_BM, slot_BL, offset_BL = image_slots(modality_BL, n, M)
+    starts_BM, present_BM, slot_BL, offset_BL, overflow_BL = image_slots(modality_BL, n, M)
     idx_BMN = jnp.clip(starts_BM[:, :, None] + jnp.arange(n), 0, L - 1)
     img_BMNP = jnp.take_along_axis(patches_BLP[:, None], idx_BMN[..., None], axis=2)
     grid_XHWC = patching.unpatchify(img_BMNP.reshape(B * M, n, P), self.k, self.c)
@@ -218,6 +224,7 @@ class UNetPatches(nnx.Module):
     vec_BMND = vec_XND.reshape(B, M, n, -1)
     x_BLD = vec_BMND[jnp.arange(B)[:, None], slot_BL, jnp.clip(offset_BL, 0, n - 1)]
     x_BLD = add_grid_embedding(x_BLD, modality_BL, self.side if self.pos_embed else 0)
+    x_BLD = jnp.where(overflow_BL[..., None], jnp.nan, x_BLD)
     ctx = dict(skips=skips, temb=temb_XT, slot=slot_BL, offset=offset_BL, starts=starts_BM,
                present=present_BM)
     return x_BLD, ctx
