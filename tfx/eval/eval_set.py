@@ -90,11 +90,21 @@ def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairS
   if not prompts:
     raise ValueError(f"split {split!r} of {path} holds no image-caption pairs to evaluate")
   images = np.stack(images)
-  if not pixels:
-    from tfx import autoencoder
-    from tfx.autoencoder import quality
-    images = quality.to_uint8(quality.batched(autoencoder.load(config).decode, images.astype(np.float32)))
-  return PairSet(prompts, images.astype(np.uint8), has_kinds)
+  return PairSet(prompts, images if pixels else _decode_here(config, images), has_kinds)
+
+
+def _decode_here(config, latents_NhwC: np.ndarray) -> np.ndarray:
+  """uint8 images of raw latents, decoded on this process's first device.
+
+  Under a training mesh spanning several processes the decoder's output would span
+  devices this process cannot read; each process decodes its own copy instead.
+  """
+  import jax
+  from tfx import autoencoder, mesh as mesh_lib
+  from tfx.autoencoder import quality
+  local = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), mesh_lib.MESH_AXES)
+  with jax.set_mesh(local):
+    return quality.to_uint8(quality.batched(autoencoder.load(config).decode, latents_NhwC.astype(np.float32)))
 
 
 def load_eval_pairs(config, split: str, num: int, num_heldout: int) -> PairSet:
