@@ -10,6 +10,8 @@ Arguments (comma-separated key=value):
   image_text a prepared image-caption dataset holding VAE latents (python -m tfx.data.prepare, then
              the autoencoder's latent cache); text: a prepared text dataset; tokenizer: a SentencePiece
              .model (the paper's: Llama 2's; model.vocab_size follows it); vae: the autoencoder folder
+             (a tfx.train_autoencoder workdir or a diffusers AutoencoderKL folder: its kind,
+             latent channels, downsampling and latent scaling are read from it)
   data_dir   where tfds datasets live (optional)
 
 Everything else is the paper's: 4096-token sequences, 2M-token batches (512 x 4096),
@@ -25,6 +27,7 @@ remat; `python -m tfx.train --dry_run` reports the memory this needs per device.
 """
 import math
 
+from tfx import autoencoder
 from tfx import config as tfx_config
 from tfx import patching
 from tfx.data import tokenizer
@@ -36,7 +39,6 @@ PATCHES = (2, 4, 8)
 DATA_KEYS = ("image_text", "text", "tokenizer", "vae", "data_dir")
 SEQ_LEN = 4096
 TOKENS_PER_BATCH = 2 * 1024 * 1024
-LATENT_SIDE = 32                      # 256 px / VAE downsample 8
 LLAMA2_PIECES = 32000                 # the paper's tokenizer (Llama 2's SentencePiece model)
 # U-Net widths per patch size (one stride-2 level per halving) that give the
 # paper's ~0.27B-parameter U-Net (down + up blocks): 275M, 262M, 268M. Every width
@@ -132,15 +134,20 @@ def get_config(arg: str = ""):
   m.remat = "full"
   m.scan_layers = True
 
-  c.image.resolution = 256
-  c.image.patch_size = patch
-  n_patches = patching.num_patches(LATENT_SIDE, patch)
-
   ae = c.autoencoder
   ae.kind = "vae"
   ae.path = args.get("vae", "")
   ae.latent_channels = 8
   ae.downsample = 8
+  # The VAE you bring says what it is: kind, latent channels, downsampling and latent
+  # scaling come from its folder (autoencoder.json or a diffusers config.json) when it is here.
+  found = autoencoder.describe(ae.path) if ae.path else None
+  if found:
+    ae.update(found)
+
+  c.image.resolution = 256
+  c.image.patch_size = patch
+  n_patches = patching.num_patches(c.image.resolution // ae.downsample, patch)
 
   d = c.diffusion
   d.num_timesteps, d.schedule, d.prediction = 1000, "cosine", "eps"

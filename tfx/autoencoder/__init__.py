@@ -26,6 +26,24 @@ def _check_fits(config, ae: Autoencoder) -> None:
     raise AutoencoderError(f"autoencoder {c.kind!r} at {c.path or '(none)'} does not match the config; set {fix}")
 
 
+def describe(path: str) -> dict | None:
+  """The config.autoencoder keys of the autoencoder stored at `path` (kind, latent_channels,
+  downsample, scaling_factor, shift_factor), read from its metadata only: a tfx autoencoder.json,
+  else a diffusers config.json (AutoencoderError if neither fits); None if `path` does not exist
+  here (a dry run away from the data)."""
+  import os
+  from tfx.autoencoder import diffusers, vae
+  if not os.path.exists(path):
+    return None
+  if os.path.isfile(os.path.join(path, vae.METADATA_FILE)):
+    meta = vae.read_metadata(path)
+    kind, net, scaling, shift = "vae", vae.net_config_from_meta(meta), meta["scaling_factor"], meta["shift_factor"]
+  else:
+    kind, (net, scaling, shift) = "diffusers", diffusers.read_config(path)
+  return dict(kind=kind, path=path, latent_channels=net.latent_channels, downsample=net.downsample,
+              scaling_factor=float(scaling), shift_factor=float(shift))
+
+
 def load(config) -> Autoencoder:
   """The autoencoder of `config.autoencoder` (kind, path), checked against the config's keys."""
   c = config.autoencoder
@@ -46,4 +64,4 @@ def load(config) -> Autoencoder:
   return ae
 
 
-__all__ = ["Autoencoder", "AutoencoderError", "KINDS", "PixelAutoencoder", "load"]
+__all__ = ["Autoencoder", "AutoencoderError", "KINDS", "PixelAutoencoder", "describe", "load"]

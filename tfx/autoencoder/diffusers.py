@@ -130,17 +130,22 @@ def load_params(net_state, tensors: dict, source: str):
   return nnx.from_flat_state(flat)
 
 
-def load(path: str) -> NetAutoencoder:
-  """The Autoencoder stored in a local diffusers folder (scaling/shift factors from config.json)."""
-  config_path, weights_path = _locate(path)
+def read_config(path: str) -> tuple[nets.NetConfig, float, float]:
+  """(architecture, scaling_factor, shift_factor) of a diffusers folder, from its config.json only."""
+  config_path, _ = _locate(path)
   try:
     raw = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
     raise AutoencoderError(f"{config_path}: not valid JSON ({e})") from None
-  cfg = net_config(raw)
+  return net_config(raw), raw.get("scaling_factor") or 1.0, raw.get("shift_factor") or 0.0
+
+
+def load(path: str) -> NetAutoencoder:
+  """The Autoencoder stored in a local diffusers folder (scaling/shift factors from config.json)."""
+  cfg, scaling_factor, shift_factor = read_config(path)
+  _, weights_path = _locate(path)
   graphdef, state = nets.abstract_autoencoder(cfg)
   tensors = {k: np.asarray(v, np.float32) for k, v in load_file(str(weights_path)).items()}
   params = load_params(state, tensors, str(weights_path))
   net = nnx.merge(graphdef, params)
-  return NetAutoencoder(net, scaling_factor=raw.get("scaling_factor") or 1.0,
-                        shift_factor=raw.get("shift_factor") or 0.0)
+  return NetAutoencoder(net, scaling_factor=scaling_factor, shift_factor=shift_factor)

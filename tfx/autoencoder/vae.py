@@ -70,7 +70,7 @@ def read_metadata(workdir) -> dict:
   return json.loads(path.read_text())
 
 
-def _net_config_from_meta(meta: dict) -> nets.NetConfig:
+def net_config_from_meta(meta: dict) -> nets.NetConfig:
   raw = dict(meta["net"])
   raw["block_out_channels"] = tuple(raw["block_out_channels"])
   return nets.NetConfig(**raw)
@@ -81,7 +81,7 @@ def load(workdir, step: int | None = None) -> NetAutoencoder:
   from tfx import checkpoint  # Orbax lives there
 
   meta = read_metadata(workdir)
-  cfg = _net_config_from_meta(meta)
+  cfg = net_config_from_meta(meta)
   graphdef, state = nets.abstract_autoencoder(cfg)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:

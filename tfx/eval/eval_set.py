@@ -56,12 +56,21 @@ def _has_split(path: str, split: str) -> bool:
 
 
 def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairSet:
-  """Up to `num` pairs of `split`: num // 3 per kind for shapes, else the first `num`."""
+  """Up to `num` pairs of `split` (its `validation` split when a dataset has no `split`, as
+  prepared datasets have none of `test`): num // 3 per kind for shapes, else the first `num`.
+
+  A latent cache's images are its latents decoded by the config's autoencoder (its
+  reconstructions: the pixels are not kept beside the latents).
+  """
   path = builtin.resolve(config, config.data.image_text)
-  if "image" not in builders.feature_names(path):
-    raise ValueError(f"evaluation needs the pixel images of {path} (its features hold no `image`)")
+  names = builders.feature_names(path)
+  if not names & {"image", "latent"}:
+    raise ValueError(f"evaluation needs the images or latents of {path} (its features hold neither)")
+  if not _has_split(path, split) and _has_split(path, "validation"):
+    split = "validation"
   source = builders.open_split(path, split)
-  has_kinds = "spec" in builders.feature_names(path)
+  has_kinds = "spec" in names
+  pixels = "image" in names
   per_kind = {k: num // len(t2i.KINDS) for k in t2i.KINDS} if has_kinds else None
   if per_kind is not None:
     for k in t2i.KINDS[:num % len(t2i.KINDS)]:
@@ -77,10 +86,25 @@ def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairS
         continue
       per_kind[kind] -= 1
     prompts.append(t2i.Prompt(_text(ex["caption"]), kind, held_out))
-    images.append(np.asarray(ex["image"], np.uint8))
+    images.append(np.asarray(ex["image"] if pixels else ex["latent"]))
   if not prompts:
     raise ValueError(f"split {split!r} of {path} holds no image-caption pairs to evaluate")
-  return PairSet(prompts, np.stack(images), has_kinds)
+  images = np.stack(images)
+  return PairSet(prompts, images if pixels else _decode_here(config, images), has_kinds)
+
+
+def _decode_here(config, latents_NhwC: np.ndarray) -> np.ndarray:
+  """uint8 images of raw latents, decoded on this process's first device.
+
+  Under a training mesh spanning several processes the decoder's output would span
+  devices this process cannot read; each process decodes its own copy instead.
+  """
+  import jax
+  from tfx import autoencoder, mesh as mesh_lib
+  from tfx.autoencoder import quality
+  local = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), mesh_lib.MESH_AXES)
+  with jax.set_mesh(local):
+    return quality.to_uint8(quality.batched(autoencoder.load(config).decode, latents_NhwC.astype(np.float32)))
 
 
 def load_eval_pairs(config, split: str, num: int, num_heldout: int) -> PairSet:
