@@ -154,9 +154,9 @@ def test_sharded_generation_matches_one_device(workdir, one_device_outputs, spec
     assert k.sharding.is_equivalent_to(want, k.ndim), k.sharding
     images, captions = _generate(gen)
   want_images, want_captions = one_device_outputs
-  # fp32 sums in another order (sharded matmuls reduce over devices) differ by ~1e-7 relative; the two
-  # ddpm steps of a barely trained model blow values up to ~1e4 (x0 = x / sqrt(alpha_bar) at t ~ T), so
-  # the tolerance is relative to the images' scale (measured: 1.2e-6 of it)
+  # fp32 sums in another order (sharded matmuls reduce over devices); the two ddpm steps of a barely
+  # trained model blow values up to ~5e4 (x0 = x / sqrt(alpha_bar) at t ~ T), so the tolerance is
+  # relative to the images' scale (measured on data=2,fsdp=2,tensor=2: 1.2e-6 of it)
   scale = np.abs(want_images).max()
   np.testing.assert_allclose(images / scale, want_images / scale, atol=1e-5)
   assert captions == want_captions and any(captions)

@@ -277,9 +277,10 @@ def _initial_noise(keys_B, shape: tuple[int, int]):
 @jax.jit
 def _stack_caches(a, b):
   """Rows of `a` then rows of `b` (same length and capacity)."""
-  return _shard_cache(dataclasses.replace(a, k_NBSGK=jnp.concatenate([a.k_NBSGK, b.k_NBSGK], axis=1),
-                             v_NBSGK=jnp.concatenate([a.v_NBSGK, b.v_NBSGK], axis=1),
-                             segment_ids_BS=jnp.concatenate([a.segment_ids_BS, b.segment_ids_BS])))
+  return _shard_cache(dataclasses.replace(
+      a, k_NBSGK=jnp.concatenate([a.k_NBSGK, b.k_NBSGK], axis=1),
+      v_NBSGK=jnp.concatenate([a.v_NBSGK, b.v_NBSGK], axis=1),
+      segment_ids_BS=jnp.concatenate([a.segment_ids_BS, b.segment_ids_BS])))
 
 
 def _take_rows(cache, n: int):

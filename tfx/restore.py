@@ -83,10 +83,10 @@ def restore_model(workdir, step: int | None = None, *, ema: bool = True,
     abstract_state, _ = jax.eval_shape(split)
     abstract_params = nnx.to_pure_dict(abstract_state)
     if mesh is None:
-      replicated = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: replicated, abstract_params)
+      whole = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: whole, abstract_params)
     else:
-      replicated = NamedSharding(mesh, PartitionSpec())
+      whole = NamedSharding(mesh, PartitionSpec())  # replicated
       shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_state, mesh))
       _check_divides(abstract_params, shardings)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -95,5 +95,5 @@ def restore_model(workdir, step: int | None = None, *, ema: bool = True,
   finally:
     ckpt.close()
   # non-Param variables are rebuilt, not stored
-  rest = jax.jit(lambda: nnx.to_pure_dict(split()[1]), out_shardings=replicated)()
+  rest = jax.jit(lambda: nnx.to_pure_dict(split()[1]), out_shardings=whole)()
   return config, nnx.merge(graphdefs[-1], params, rest)
