@@ -91,8 +91,28 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
   assert evaluate.main(["--workdir", str(empty)]) == 2
   assert len(capsys.readouterr().err.strip().splitlines()) == 1
   for bad in (["--workdir", str(tmp_path / "missing")], ["--workdir", workdir, "--num", "0"],
-              ["--workdir", workdir, "--inception_weights", str(tmp_path / "nope.safetensors")]):
+              ["--workdir", workdir, "--inception_weights", str(tmp_path / "nope.safetensors")],
+              ["--workdir", workdir, "--mesh", "tensor=two"]):
     with pytest.raises(SystemExit) as e:
       evaluate.main(bad)
     assert e.value.code == 2
   capsys.readouterr()
+  assert evaluate.main(["--workdir", workdir, "--mesh", "fsdp=3"]) == 2  # 8 devices
+  err = capsys.readouterr().err
+  assert "data*fsdp*tensor = 3 but there are 8 devices" in err and len(err.strip().splitlines()) == 1
+
+
+def test_mesh_flag_evaluates_like_one_device(workdir, shapesnet_path, capsys):
+  """Sharded over fsdp=8 (batch 3 rows: the KV cache rows stay replicated), the scores and captions match."""
+  records = []
+  for extra in ([], ["--mesh", "fsdp=8"]):
+    args = ["--workdir", workdir, "--num", "3", "--num_heldout", "0", "--steps", "2", "--caption_tokens", "4",
+            "--text_records", "2", "--shapesnet", shapesnet_path, *extra]
+    assert evaluate.main(args) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote ")
+    records.append(json.loads(open(path).read()))
+  one, sharded = records
+  assert sharded["captions"] == one["captions"]
+  for key, value in one["metrics"].items():
+    if not key.endswith("seconds"):
+      assert sharded["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

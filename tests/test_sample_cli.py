@@ -114,3 +114,74 @@ def test_entry_point_exit_code(tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("tfx.sample: error: no config.json")
+
+
+MESHES = ["data=2,fsdp=2,tensor=2", "fsdp=8"]  # batch 4: rows split 4 ways, then replicated (8 > 4)
+
+
+@pytest.fixture(scope="module")
+def one_device_outputs(workdir):
+  """Float images (before uint8 rounding) and greedy captions from the unsharded model."""
+  from tfx import generate, restore
+  return _generate(generate.Generator(*restore.restore_model(workdir)))
+
+
+def _generate(gen):
+  import unittest.mock
+  from tfx import generate
+  prompts = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
+  with unittest.mock.patch.object(generate, "to_uint8", lambda x: np.asarray(x, np.float32)):
+    images = gen.text_to_image(prompts, seed=3, steps=2, cfg_scale=2.5, sampler="ddpm", batch_size=4)
+  captions = gen.caption(generate.to_uint8(images), max_tokens=6, batch_size=4)
+  return images, captions
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_generation_matches_one_device(workdir, one_device_outputs, spec):
+  import jax
+  from jax.sharding import NamedSharding
+  from tfx import generate, mesh, restore
+  device_mesh = mesh.make_mesh(restore.parse_mesh(spec))
+  with jax.set_mesh(device_mesh):
+    config, model = restore.restore_model(workdir, mesh=device_mesh)
+    q = model.blocks[0].attn.q.kernel.get_value()
+    assert len(q.sharding.device_set) == 8 and q.sharding.spec == mesh.logical_to_spec(("embed", "heads", None))
+    assert q.addressable_shards[0].data.shape[0] == config.model.d_model // device_mesh.shape["fsdp"]
+    gen = generate.Generator(config, model)
+    k = gen._empty_cache(4, 64).k_NBSGK  # [N, B, S, G, K]
+    rows = "act_batch" if 4 % (device_mesh.shape["data"] * device_mesh.shape["fsdp"]) == 0 else None
+    want = NamedSharding(device_mesh, mesh.logical_to_spec(("layers", rows, "act_len", "act_heads", "act_kv")))
+    assert k.sharding.is_equivalent_to(want, k.ndim), k.sharding
+    images, captions = _generate(gen)
+  want_images, want_captions = one_device_outputs
+  # fp32 sums in another order (sharded matmuls reduce over devices); the two ddpm steps of a barely
+  # trained model blow values up to ~5e4 (x0 = x / sqrt(alpha_bar) at t ~ T), so the tolerance is
+  # relative to the images' scale (measured on data=2,fsdp=2,tensor=2: 1.2e-6 of it)
+  scale = np.abs(want_images).max()
+  np.testing.assert_allclose(images / scale, want_images / scale, atol=1e-5)
+  assert captions == want_captions and any(captions)
+
+
+def test_mesh_flag_samples_and_captions_like_one_device(workdir, tmp_path, capsys):
+  out = {}
+  for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,fsdp=-1"])):
+    code, _, err = run_cli(["--workdir", workdir, "--prompt", "a red circle", "--num", "2", "--steps", "2",
+                            "--out", str(tmp_path / name), *extra], capsys)
+    assert code == 0, err
+    code, lines, err = run_cli(["--workdir", workdir, "--image", str(tmp_path / name / "00000.png"),
+                                "--max_tokens", "5", *extra], capsys)
+    assert code == 0, err
+    out[name] = (np.asarray(Image.open(tmp_path / name / "grid.png"), np.int16), json.loads(lines)["caption"])
+  assert np.abs(out["one"][0] - out["mesh"][0]).max() <= 1  # uint8 rounding of ~1e-6 differences
+  assert out["one"][1] == out["mesh"][1]
+
+
+def test_bad_mesh_exits_2_with_one_line(workdir, tmp_path, capsys):
+  for bad in ("fsdp", "pipeline=2", "data=0", "data=-1,fsdp=-1", "fsdp=x"):
+    with pytest.raises(SystemExit) as e:
+      sample.parse_args(["--workdir", workdir, "--prompt", "a", "--out", "o", "--mesh", bad])
+    assert e.value.code == 2 and "argument --mesh: " in capsys.readouterr().err
+  for bad, message in (("fsdp=3", "devices"), ("tensor=8", "do not divide")):  # 8 devices; 2 heads
+    code, _, err = run_cli(["--workdir", workdir, "--prompt", "a", "--out", str(tmp_path / "o"), "--mesh", bad],
+                           capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -4,13 +4,17 @@ Writes WORKDIR/eval/<step>.json (metrics, options, every generated caption with 
 reference), a PNG grid of the first 24 generated images beside it (prompts listed in the
 JSON), TensorBoard scalars under WORKDIR/tensorboard (tag eval/<metric>), and prints a
 short table. Sweeps: several --cfg_scales and/or --steps evaluate text-to-image once per
-combination.
+combination. --mesh shards the params over a device mesh as in training (a checkpoint
+too large for one device).
 """
 import argparse
+import contextlib
 import os
 import sys
 
-from tfx import fs
+import jax
+
+from tfx import fs, mesh as mesh_lib, restore
 from tfx.eval import results, suite
 
 USAGE_ERROR = 2
@@ -40,6 +44,13 @@ TABLE = [  # (metric, label, format)
 ]
 
 
+def _mesh_flag(text: str):
+  try:
+    return restore.parse_mesh(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m tfx.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--shapesnet", default="", help="ShapesNet .npz (default WORKDIR/eval/shapesnet_<res>px.npz; "
                                                  "trained and saved there if missing)")
   p.add_argument("--inception_weights", default="", help="FID Inception .safetensors/.npz; adds fd_inception")
+  p.add_argument("--mesh", type=_mesh_flag, default=None, metavar="AXIS=SIZE,...",
+                 help="device mesh over data/fsdp/tensor, e.g. fsdp=8 (axes not named are 1, one may be -1 = "
+                      "the rest), params sharded as in training; default: the first device only")
   args = p.parse_args(argv)
   for name in ("num", "batch_size", "caption_tokens", "text_records"):
     if getattr(args, name) < 1:
@@ -99,9 +113,18 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from tfx import restore
   try:
-    config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema)
+    mesh = None if args.mesh is None else mesh_lib.make_mesh(args.mesh)
+  except mesh_lib.MeshError as e:
+    print(f"tfx.evaluate: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return _evaluate(args, mesh)
+
+
+def _evaluate(args, mesh) -> int:
+  try:
+    config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema, mesh=mesh)
   except restore.RestoreError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tfx import diffusion, patching, record
+from tfx import diffusion, mesh as mesh_lib, patching, record
 
 # ---- images in and out --------------------------------------------------------------------------
 
@@ -117,8 +117,33 @@ def left_pad(prompts: list[dict], length: int) -> tuple[dict[str, np.ndarray], n
 # ---- pure functions that run the model (jitted by Generator) ------------------------------------
 
 
+def _shard_cache(cache):
+  """Lays the KV cache [N, B, S, G, K] out on the current mesh (a no-op without one).
+
+  Rows go over the data-like axes as the activations' batch does, and kv heads over
+  tensor as the k/v projections that write them are split, so every write stays on the
+  device that computed it. A dimension those axes do not divide (batch 1 of `generate`,
+  say) is replicated rather than padded.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return cache
+
+  def fits(name: str, dim: int):
+    axes = mesh_lib.logical_to_spec((name,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return name if dim % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+  _, B, _, G, _ = cache.k_NBSGK.shape
+  kv = ("layers", fits("act_batch", B), "act_len", fits("act_heads", G), "act_kv")
+  return dataclasses.replace(cache, k_NBSGK=mesh_lib.constrain(cache.k_NBSGK, kv),
+                             v_NBSGK=mesh_lib.constrain(cache.v_NBSGK, kv),
+                             segment_ids_BS=mesh_lib.constrain(cache.segment_ids_BS, kv[1:3]))
+
+
 def _forward(graphdef, params, batch, t_BL, cache):
-  return nnx.merge(graphdef, params)(batch, t_BL, cache=cache)
+  logits_BLV, patch_out_BLP, cache = nnx.merge(graphdef, params)(batch, t_BL, cache=cache)
+  return logits_BLV, patch_out_BLP, None if cache is None else _shard_cache(cache)
 
 
 def _text_batch(tokens_BL, positions_BL, patch_dim: int):
@@ -252,9 +277,10 @@ def _initial_noise(keys_B, shape: tuple[int, int]):
 @jax.jit
 def _stack_caches(a, b):
   """Rows of `a` then rows of `b` (same length and capacity)."""
-  return dataclasses.replace(a, k_NBSGK=jnp.concatenate([a.k_NBSGK, b.k_NBSGK], axis=1),
-                             v_NBSGK=jnp.concatenate([a.v_NBSGK, b.v_NBSGK], axis=1),
-                             segment_ids_BS=jnp.concatenate([a.segment_ids_BS, b.segment_ids_BS]))
+  return _shard_cache(dataclasses.replace(
+      a, k_NBSGK=jnp.concatenate([a.k_NBSGK, b.k_NBSGK], axis=1),
+      v_NBSGK=jnp.concatenate([a.v_NBSGK, b.v_NBSGK], axis=1),
+      segment_ids_BS=jnp.concatenate([a.segment_ids_BS, b.segment_ids_BS])))
 
 
 def _take_rows(cache, n: int):
@@ -290,7 +316,6 @@ class Generator:
                                             self.patch_size)
     self.schedule = diffusion.make_schedule(config.diffusion)
     self.prediction = config.diffusion.prediction
-    self._model = model
     self.graphdef, self.params = nnx.split(model)
     vocab = tokenizer_lib.model_vocab_size(config, tok)  # raises if smaller than tok needs
     unusable = np.arange(vocab) >= tok.vocab_size
@@ -307,6 +332,9 @@ class Generator:
     self._denoise_recompute = jax.jit(functools.partial(_denoise_recompute, g), static_argnames=statics)
     self._commit = jax.jit(functools.partial(_commit_image, g, eoi_id=tok.eoi_id, pad_id=pad))
     self._log_probs = jax.jit(functools.partial(_log_probs, g))
+    # made inside jit so that, on a mesh, each device only ever holds its shard
+    self._init_cache = jax.jit(lambda batch, max_len: _shard_cache(model.init_cache(batch, max_len)),
+                               static_argnums=(0, 1))
 
   def load_params(self, model) -> None:
     """Samples with `model`'s weights from now on (same architecture: compiled programs are reused)."""
@@ -362,7 +390,7 @@ class Generator:
   # -- building blocks --
 
   def _empty_cache(self, batch: int, capacity: int):
-    return self._model.init_cache(batch, _round_up(capacity, 64))
+    return self._init_cache(batch, _round_up(capacity, 64))
 
   def _unconditional_cache(self, batch: int, capacity: int, length: int):
     """The empty-caption prefix `BOS BOI`, cached so that it ends at `length` like the conditional one."""

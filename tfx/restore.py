@@ -1,15 +1,35 @@
-"""A trained model for sampling and evaluation: WORKDIR/config.json + a checkpoint's params."""
+"""A trained model for sampling and evaluation: WORKDIR/config.json + a checkpoint's params, on a mesh."""
+import math
 from typing import Any
 
 import jax
+import ml_collections
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tfx import checkpoint as ckpt_lib
+from tfx import mesh as mesh_lib
 from tfx import model as model_lib
 from tfx import workdir as workdir_lib
 
-# What restore_model raises for a workdir it cannot load from (the CLIs report it in one line).
-RestoreError = (workdir_lib.NotAWorkdirError, ckpt_lib.NoCheckpointError)
+# What restore_model raises for a workdir or mesh it cannot load onto (the CLIs report it in one line).
+RestoreError = (workdir_lib.NotAWorkdirError, ckpt_lib.NoCheckpointError, mesh_lib.MeshError)
+
+
+def parse_mesh(text: str) -> ml_collections.ConfigDict:
+  """`data=2,fsdp=2,tensor=2` -> a config.mesh-like group; axes not named are 1, one may be -1 (fill)."""
+  sizes = dict.fromkeys(mesh_lib.MESH_AXES, 1)
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, eq, value = part.partition("=")
+    if name.strip() not in sizes or not eq:
+      raise ValueError(f"{part!r} is not AXIS=SIZE with AXIS one of {', '.join(mesh_lib.MESH_AXES)}")
+    try:
+      sizes[name.strip()] = int(value)
+    except ValueError:
+      raise ValueError(f"{part!r}: size must be an integer") from None
+  if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise ValueError(f"{text!r}: sizes must be positive, with at most one -1 (fill)")
+  return ml_collections.ConfigDict(sizes)
 
 
 def latest_step(workdir) -> int | None:
@@ -21,8 +41,26 @@ def latest_step(workdir) -> int | None:
     ckpt.close()
 
 
-def restore_model(workdir, step: int | None = None, *, ema: bool = True) -> tuple[Any, nnx.Module]:
-  """Loads WORKDIR/config.json and a checkpoint's params (EMA if saved and `ema`) into a model."""
+def _check_divides(abstract, shardings) -> None:
+  """MeshError naming the first param whose sharded dimension the mesh axes do not divide."""
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)):
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = math.prod(sharding.mesh.shape[a] for a in axes)
+      if dim % parts:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise mesh_lib.MeshError(f"mesh: param {name} {leaf.shape} has a dimension of {dim} that "
+                                 f"{'x'.join(axes)} = {parts} devices do not divide; choose other --mesh sizes")
+
+
+def restore_model(workdir, step: int | None = None, *, ema: bool = True,
+                  mesh: Mesh | None = None) -> tuple[Any, nnx.Module]:
+  """Loads WORKDIR/config.json and a checkpoint's params (EMA if saved and `ema`) into a model.
+
+  With a mesh each param is restored straight into its training layout (tfx.mesh.LOGICAL_RULES:
+  FSDP over `embed`, tensor over heads/mlp/vocab), so no device ever holds the whole model;
+  without one, everything lands on the first local device.
+  """
   config = workdir_lib.load_config(workdir)
   ckpt = ckpt_lib.Checkpointer.open_existing(workdir)
   try:
@@ -40,13 +78,22 @@ def restore_model(workdir, step: int | None = None, *, ema: bool = True) -> tupl
         model = model_lib.build_model(config, nnx.Rngs(config.seed))
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
       graphdefs.append(graphdef)
-      return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+      return params, rest
 
-    abstract_params, _ = jax.eval_shape(split)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
+    abstract_state, _ = jax.eval_shape(split)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    if mesh is None:
+      whole = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: whole, abstract_params)
+    else:
+      whole = NamedSharding(mesh, PartitionSpec())  # replicated
+      shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_state, mesh))
+      _check_divides(abstract_params, shardings)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
     params = ckpt.restore_subtree(step, {key: target})[key]
   finally:
     ckpt.close()
-  rest = jax.jit(lambda: split()[1])()  # non-Param variables are rebuilt, not stored
+  # non-Param variables are rebuilt, not stored
+  rest = jax.jit(lambda: nnx.to_pure_dict(split()[1]), out_shardings=whole)()
   return config, nnx.merge(graphdefs[-1], params, rest)

@@ -3,8 +3,10 @@
   --prompt "a red circle" --num 8 --out DIR   PNGs + grid.png
   --prompts_file FILE --out DIR               PNGs + DIR/manifest.jsonl
   --image A.png [B.jpg ...]                   one JSON line {"image", "caption"} each
+  --mesh fsdp=8 (or data=2,fsdp=2,tensor=2)   params sharded over a device mesh as in training
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--batch_size", type=int, default=16, help="prompts or images per device batch")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--no_ema", action="store_true", help="use raw params even if EMA params exist")
+  p.add_argument("--mesh", type=_mesh_flag, default=None, metavar="AXIS=SIZE,...",
+                 help="device mesh over data/fsdp/tensor (axes not named are 1, one may be -1 = the rest), "
+                      "params sharded as in training; default: the first device only")
   args = p.parse_args(argv)
   if args.prompt is not None and not args.prompt.strip():
     p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
@@ -48,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.temperature < 0:
     p.error(f"--temperature must be >= 0, got {args.temperature}")
   return args
+
+
+def _mesh_flag(text: str):
+  from tfx import restore
+  try:
+    return restore.parse_mesh(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class UsageError(Exception):
@@ -137,21 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
       prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
       _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
-    from tfx import autoencoder, generate, restore
+    import jax
+    from tfx import autoencoder, generate, mesh as mesh_lib, restore
     try:
-      config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema)
-    except restore.RestoreError as e:
+      mesh = None if args.mesh is None else mesh_lib.make_mesh(args.mesh)
+    except mesh_lib.MeshError as e:
       raise UsageError(str(e)) from None
-    if args.steps is not None and args.steps > config.diffusion.num_timesteps:
-      raise UsageError(f"--steps {args.steps} exceeds the {config.diffusion.num_timesteps} training timesteps")
-    try:
-      gen = generate.Generator(config, model)
-    except (autoencoder.AutoencoderError, FileNotFoundError) as e:
-      raise UsageError(f"cannot set up generation for {args.workdir}: {e}") from None
-    if args.image:
-      _caption(gen, args.image, images, args)
-    else:
-      _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      try:
+        config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema, mesh=mesh)
+      except restore.RestoreError as e:
+        raise UsageError(str(e)) from None
+      if args.steps is not None and args.steps > config.diffusion.num_timesteps:
+        raise UsageError(f"--steps {args.steps} exceeds the {config.diffusion.num_timesteps} training timesteps")
+      try:
+        gen = generate.Generator(config, model)
+      except (autoencoder.AutoencoderError, FileNotFoundError) as e:
+        raise UsageError(f"cannot set up generation for {args.workdir}: {e}") from None
+      if args.image:
+        _caption(gen, args.image, images, args)
+      else:
+        _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
   except UsageError as e:
     print(f"tfx.sample: error: {e}", file=sys.stderr)
     return USAGE_ERROR
