@@ -42,7 +42,7 @@ def default() -> ml_collections.ConfigDict:
   m.t_embed_dim = 256                # sinusoidal timestep features before the MLP
   m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
   m.attention = "auto"               # "dense" ([L, S] mask), "flash" (tfx/model/flash.py; Pallas interpret
-                                     # mode on CPU), "auto" (flash on GPUs, dense elsewhere)
+                                     # mode on CPU), "auto" (dense until the kernel has run on a GPU)
   m.remat = "none"                   # per-block remat, by what it keeps: "none" (all), "full" (nothing),
                                      # "dots" (matmul outputs), "attention" (attention outputs),
                                      # "dots_offload" (matmul outputs in host memory)

@@ -11,7 +11,7 @@ segments or touches padding (segment 0). `model.attention` picks how it is compu
 "dense" builds the [L, S] boolean mask (CPU, and TPU until the kernel has a TPU
 lowering); "flash" runs tfx/model/flash.py, which takes the two vectors and skips
 every tile they hide (on CPU in Pallas interpret mode: slow, exact); "auto" is
-flash on GPUs and dense elsewhere. Generation (a KV cache) stays dense: its
+dense until the kernel has been run on a GPU, then flash there. Generation (a KV cache) stays dense: its
 queries are one token or one image's patches against at most max_len keys, so the
 scores are [n, S], never [L, S].
 
@@ -96,7 +96,9 @@ def implementation(name: str) -> str:
     raise ValueError(f"model.attention must be one of {IMPLEMENTATIONS}, got {name!r}")
   backend = jax.default_backend()
   if name == "auto":
-    return "flash" if backend == "gpu" else "dense"
+    # dense until the kernel has run on a GPU: it is checked only in Pallas interpret mode so far
+    # (docs/scale.md); `flash` asks for it explicitly
+    return "dense"
   if name == "flash" and backend == "tpu":
     raise ValueError("model.attention='flash' has no TPU lowering yet (its kernels use Pallas' Triton "
                      "lowering); use 'dense' or 'auto' on TPU")
