@@ -45,7 +45,7 @@ def _batch():
   """One row: two segments, each with text, an image (16 patches) and more text; then padding."""
   rng = np.random.default_rng(11)
   while True:
-    b = random_batch(rng, 1, L, 16, 12, vocab=200, max_images=1, min_segments=2)
+    b = random_batch(rng, 1, L, 16, 12, vocab=200, max_images=2, min_segments=2)
     seg, mod = b["segment_ids"][0], b["modality"][0]
     if all(mod[seg == s].any() for s in (1, 2)) and (seg == 0).any() and mod[seg == 1][0] == 0:
       return b
