@@ -7,6 +7,7 @@ clear error. Each test compares what went through memory:// with the local resul
 import io
 import json
 import pathlib
+import tarfile
 import uuid
 
 import fsspec
@@ -79,11 +80,16 @@ def test_prepared_dataset_written_to_and_read_from_an_object_store(url, tmp_path
   (raw / "img" / "b.png").write_bytes(_png((30, 30, 200)))
   (raw / "pairs.jsonl").write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in
                                            [("img/r.png", "red"), ("img/b.png", "blue"), ("img/x.png", "gone")]))
+  with tarfile.open(raw / "00000.tar", "w") as tar:   # a webdataset shard
+    for name, data in (("k.png", _png((30, 200, 30))), ("k.txt", b"green")):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
   fs.upload_dir(raw, fs.join(url, "raw"))
   remote, local = fs.join(url, "prepared"), str(tmp_path / "prepared")
   counts = prepare.prepare(fs.join(url, "raw"), remote, resolution=8)   # input and output on memory://
   assert counts == prepare.prepare(str(raw), local, resolution=8)
-  assert (counts.written, counts.missing_images) == (2, 1)
+  assert (counts.written, counts.missing_images) == (3, 1)
   with pytest.raises(ValueError, match=UNREADABLE):
     builders.open_split(remote, "train")
   _assert_same_rows(_rows(_download(remote, tmp_path / "copy")), _rows(local))

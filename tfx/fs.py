@@ -1,10 +1,10 @@
 """Paths that may be URLs (gs://, s3://, memory://): one small layer over fsspec.
 
-Every file tfx keeps in a workdir goes through here (config.json, metrics.jsonl,
-TensorBoard events, sample grids, eval results, autoencoder.json) except the
-Orbax checkpoints, which Orbax writes itself, and so do the tokenizer and the
-datasets tfx writes (tfds writes them on a local disk; `upload_dir` publishes
-them). A gs:// path needs gcsfs: `pip install tfx[gcs]`.
+Every file tfx keeps in a workdir (config.json, metrics.jsonl, TensorBoard
+events, sample grids, eval results, autoencoder.json) and every data path
+(datasets, tokenizer, autoencoder folders) goes through here, except the Orbax
+checkpoints, which Orbax writes itself. tfds writes datasets on a local disk;
+`upload_dir` publishes them to a URL. A gs:// path needs gcsfs: `pip install tfx[gcs]`.
 """
 import io
 import os
