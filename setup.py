@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
-        "gcs": ["gcsfs"],  # gs:// workdirs (fsspec and etils.epath, which Orbax uses, read them through it)
+        "gcs": ["gcsfs"],  # gs:// workdirs and data (fsspec, and etils.epath, which Orbax and tfds use)
     },
 )

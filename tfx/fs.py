@@ -1,8 +1,10 @@
 """Paths that may be URLs (gs://, s3://, memory://): one small layer over fsspec.
 
-Every file tfx keeps in a workdir goes through here (config.json, metrics.jsonl,
-TensorBoard events, sample grids, eval results) except the Orbax checkpoints,
-which Orbax writes itself. A gs:// path needs gcsfs: `pip install tfx[gcs]`.
+Every file tfx keeps in a workdir (config.json, metrics.jsonl, TensorBoard
+events, sample grids, eval results, autoencoder.json) and every data path
+(datasets, tokenizer, autoencoder folders) goes through here, except the Orbax
+checkpoints, which Orbax writes itself. tfds writes datasets on a local disk;
+`upload_dir` publishes them to a URL. A gs:// path needs gcsfs: `pip install tfx[gcs]`.
 """
 import io
 import os
@@ -30,6 +32,12 @@ def join(base, *parts: str) -> str:
   return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
 
 
+def scheme(path) -> str:
+  """'gs', 's3', 'memory', ... for a URL; '' for a local path."""
+  path = str(path)
+  return path.split("://", 1)[0] if "://" in path else ""
+
+
 def exists(path) -> bool:
   fs, p = _fs(path)
   return fs.exists(p)
@@ -54,6 +62,33 @@ def listdir(path) -> list[str]:
   """Names (not paths) in a folder."""
   fs, p = _fs(path)
   return sorted(posixpath.basename(q.rstrip("/")) for q in fs.ls(p, detail=False))
+
+
+def walk(path):
+  """(folder, subfolder names, file names) for every folder under `path`, folders named as `path` is."""
+  if is_local(path):
+    yield from os.walk(path)
+    return
+  fs, p = _fs(path)
+  base = p.rstrip("/")
+  for root, dirs, files in fs.walk(p):
+    rel = root.rstrip("/")[len(base):].lstrip("/")
+    yield (join(path, rel) if rel else str(path)), sorted(dirs), sorted(files)
+
+
+def upload_dir(local_dir, url, *, last: tuple[str, ...] = ()) -> None:
+  """Copies a local folder tree to `url`; files named in `last` are copied after all others.
+
+  Object stores have no rename, so a reader that waits for a `last` file (a
+  dataset's dataset_info.json) never finds a half-copied tree.
+  """
+  local_dir = os.fspath(local_dir)
+  files = sorted(os.path.relpath(os.path.join(root, n), local_dir)
+                 for root, _, names in os.walk(local_dir) for n in names)
+  fs, _ = _fs(url)
+  for rel in sorted(files, key=lambda r: os.path.basename(r) in last):
+    _, remote = _fs(join(url, *rel.split(os.sep)))
+    fs.put_file(os.path.join(local_dir, rel), remote)
 
 
 def open(path, mode: str = "r"):  # noqa: A001 - the file layer's open

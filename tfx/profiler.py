@@ -1,11 +1,12 @@
 """A jax.profiler trace of a window of train steps, where TensorBoard's profile plugin finds it."""
 import jax
-from etils import epath
+
+from tfx import fs
 
 
 def trace_dir(workdir) -> str:
   """The TensorBoard log dir: traces go to its plugins/profile/<run>/<host>.xplane.pb."""
-  return str(epath.Path(workdir) / "tensorboard")
+  return fs.join(workdir, "tensorboard")
 
 
 class StepProfiler:

@@ -15,12 +15,11 @@ import jax
 import numpy as np
 import optax
 from absl import app, flags
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tfx import checkpoint
+from tfx import checkpoint, fs
 from tfx import mesh as mesh_lib
 from tfx import metrics as metrics_lib
 from tfx.autoencoder import AutoencoderError, cli, quality, vae
@@ -186,7 +185,7 @@ def main(argv) -> None:
     cli.usage_error(PROG, "--workdir is required")
   try:
     vae.net_config(config)
-    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
+    fs.makedirs(_WORKDIR.value)
     run(config, _WORKDIR.value)
   except (AutoencoderError, mesh_lib.MeshError, FileNotFoundError) as e:
     cli.usage_error(PROG, str(e))

@@ -31,11 +31,11 @@ def describe(path: str) -> dict | None:
   downsample, scaling_factor, shift_factor), read from its metadata only: a tfx autoencoder.json,
   else a diffusers config.json (AutoencoderError if neither fits); None if `path` does not exist
   here (a dry run away from the data)."""
-  import os
+  from tfx import fs
   from tfx.autoencoder import diffusers, vae
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return None
-  if os.path.isfile(os.path.join(path, vae.METADATA_FILE)):
+  if fs.exists(fs.join(path, vae.METADATA_FILE)):
     meta = vae.read_metadata(path)
     kind, net, scaling, shift = "vae", vae.net_config_from_meta(meta), meta["scaling_factor"], meta["shift_factor"]
   else:
@@ -51,7 +51,7 @@ def load(config) -> Autoencoder:
     ae = PixelAutoencoder(c.scaling_factor, c.shift_factor)
   elif c.kind in ("vae", "diffusers"):
     if not c.path:
-      raise AutoencoderError(f"autoencoder.kind={c.kind!r} needs autoencoder.path (a local folder)")
+      raise AutoencoderError(f"autoencoder.kind={c.kind!r} needs autoencoder.path (a folder or URL)")
     if c.kind == "vae":
       from tfx.autoencoder import vae  # pulls in Orbax only when needed
       ae = vae.load(c.path)

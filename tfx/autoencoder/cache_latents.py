@@ -5,18 +5,14 @@ Grain pipeline does (center crop, resize to config.image.resolution), encodes it
 with the autoencoder of config.autoencoder, and writes a tfds array_record
 dataset with the same features but `latent` (raw float32 [h, w, c], before
 shift/scale) instead of `image`. Train on it with
---config.data.image_text=DIR and the same autoencoder.* settings.
+--config.data.image_text=DIR and the same autoencoder.* settings. DIR may be a
+URL (gs://, with the tfx[gcs] extra): the dataset is written locally, then uploaded.
 """
-import argparse
-import os
-import shutil
-import sys
-import tempfile
-
 import numpy as np
 import tensorflow_datasets as tfds
 
 from tfx import autoencoder as autoencoder_lib
+from tfx import fs
 from tfx.autoencoder import AutoencoderError, cli, quality
 from tfx.data import builders, builtin
 from tfx.data.pipeline import pixels_to_model
@@ -54,8 +50,8 @@ def cache(config, output_dir: str, *, batch_size: int = 64) -> dict[str, int]:
   if config.autoencoder.kind == "pixels":
     raise AutoencoderError("autoencoder.kind is 'pixels': there are no latents to cache; "
                            "set autoencoder.kind/path to a 'vae' or 'diffusers' autoencoder")
-  if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-    raise FileExistsError(f"output {output_dir} exists and is not an empty directory; refusing to overwrite it")
+  if fs.exists(output_dir) and (not fs.isdir(output_dir) or fs.listdir(output_dir)):  # before encoding
+    raise FileExistsError(f"output {output_dir} is not empty (or not a directory); refusing to overwrite it")
   source_dir = builtin.resolve(config, config.data.image_text)
   names = builders.feature_names(source_dir)
   if "image" not in names:
@@ -70,20 +66,12 @@ def cache(config, output_dir: str, *, batch_size: int = 64) -> dict[str, int]:
   c = config.autoencoder
   description = (f"Latents of {source_dir} at {config.image.resolution} px by autoencoder kind={c.kind} "
                  f"path={c.path} (scaling_factor={ae.scaling_factor:g}, shift_factor={ae.shift_factor:g}).")
-  parent = os.path.dirname(os.path.abspath(output_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tfx_latents_", dir=parent)
-  try:
+  with builders.new_dataset_dir(output_dir) as tmp:
     builders.write_dataset(
         LatentCache, tmp, features,
         {s: _encoded_examples(ae, src, config.image.resolution, s, batch_size, copied)
          for s, src in sources.items() if len(src)},
         description=description)
-    if os.path.exists(output_dir):
-      os.rmdir(output_dir)  # empty, checked above
-    os.replace(tmp, output_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return {s: len(src) for s, src in sources.items()}
 
 

@@ -1,17 +1,18 @@
-"""Loads a pretrained diffusers AutoencoderKL (SD 1.x/2.x/XL, FLUX-style) from a local folder.
+"""Loads a pretrained diffusers AutoencoderKL (SD 1.x/2.x/XL, FLUX-style) from a folder (local or a URL).
 
 Reads `config.json` + `diffusion_pytorch_model.safetensors` (float32, float16 or
 bfloat16) with the safetensors package: no PyTorch, no unpickling, no download.
 Weights are used in float32.
 """
 import json
-import pathlib
+import os
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.flax import load_file  # the numpy loader cannot read bfloat16 (FLUX) tensors
+from safetensors import flax as safetensors_flax  # the numpy loader cannot read bfloat16 (FLUX) tensors
 
+from tfx import fs
 from tfx.autoencoder import nets
 from tfx.autoencoder.base import AutoencoderError, NetAutoencoder
 
@@ -22,27 +23,32 @@ _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 _LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
-def _locate(path: str) -> tuple[pathlib.Path, pathlib.Path]:
+def _is_file(path: str) -> bool:
+  return fs.exists(path) and not fs.isdir(path)
+
+
+def _locate(path: str) -> tuple[str, str]:
   """(config.json, weights) for a folder, a pipeline folder with vae/, or a .safetensors file."""
-  p = pathlib.Path(path).expanduser()
-  if p.suffix.lower() in _PICKLE_SUFFIXES:
-    raise AutoencoderError(f"{p}: {p.suffix} checkpoints are pickles and are never loaded; "
+  p = os.path.expanduser(path).rstrip("/")
+  suffix = os.path.splitext(p)[1]
+  if suffix.lower() in _PICKLE_SUFFIXES:
+    raise AutoencoderError(f"{p}: {suffix} checkpoints are pickles and are never loaded; "
                            f"supported: {SUPPORTED}")
-  if p.is_file():
-    if p.suffix != ".safetensors":
+  if _is_file(p):
+    if suffix != ".safetensors":
       raise AutoencoderError(f"{p}: unsupported weights file; supported: {SUPPORTED}")
-    folder, weights = p.parent, p
+    folder, weights = os.path.dirname(p), p
   else:
-    if not p.is_dir():
+    if not fs.isdir(p):
       raise AutoencoderError(f"{p}: no such file or folder; expected {SUPPORTED}")
-    folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-      found = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in _PICKLE_SUFFIXES)
+    folder = fs.join(p, "vae") if _is_file(fs.join(p, "vae", "config.json")) else p
+    weights = fs.join(folder, WEIGHTS_NAME)
+    if not _is_file(weights):
+      found = [n for n in fs.listdir(folder) if os.path.splitext(n)[1].lower() in _PICKLE_SUFFIXES]
       hint = f" (found {', '.join(found)}: pickles are never loaded)" if found else ""
       raise AutoencoderError(f"{folder}: missing {WEIGHTS_NAME}{hint}; supported: {SUPPORTED}")
-  config = folder / "config.json"
-  if not config.is_file():
+  config = fs.join(folder, "config.json")
+  if not _is_file(config):
     raise AutoencoderError(f"{folder}: missing config.json next to the weights; supported: {SUPPORTED}")
   return config, weights
 
@@ -134,18 +140,20 @@ def read_config(path: str) -> tuple[nets.NetConfig, float, float]:
   """(architecture, scaling_factor, shift_factor) of a diffusers folder, from its config.json only."""
   config_path, _ = _locate(path)
   try:
-    raw = json.loads(config_path.read_text())
+    raw = json.loads(fs.read_text(config_path))
   except json.JSONDecodeError as e:
     raise AutoencoderError(f"{config_path}: not valid JSON ({e})") from None
   return net_config(raw), raw.get("scaling_factor") or 1.0, raw.get("shift_factor") or 0.0
 
 
 def load(path: str) -> NetAutoencoder:
-  """The Autoencoder stored in a local diffusers folder (scaling/shift factors from config.json)."""
+  """The Autoencoder stored in a diffusers folder (scaling/shift factors from config.json)."""
   cfg, scaling_factor, shift_factor = read_config(path)
   _, weights_path = _locate(path)
   graphdef, state = nets.abstract_autoencoder(cfg)
-  tensors = {k: np.asarray(v, np.float32) for k, v in load_file(str(weights_path)).items()}
-  params = load_params(state, tensors, str(weights_path))
+  raw = (safetensors_flax.load_file(weights_path) if fs.is_local(weights_path)  # memory-mapped
+         else safetensors_flax.load(fs.read_bytes(weights_path)))
+  tensors = {k: np.asarray(v, np.float32) for k, v in raw.items()}
+  params = load_params(state, tensors, weights_path)
   net = nnx.merge(graphdef, params)
   return NetAutoencoder(net, scaling_factor=scaling_factor, shift_factor=shift_factor)

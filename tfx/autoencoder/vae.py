@@ -6,13 +6,12 @@ into an Autoencoder.
 """
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 from flax import nnx
 
+from tfx import fs
 from tfx.autoencoder import nets
 from tfx.autoencoder.base import AutoencoderError, NetAutoencoder
 
@@ -55,19 +54,16 @@ def save_metadata(workdir, cfg: nets.NetConfig, *, scaling_factor: float, shift_
   """Writes WORKDIR/autoencoder.json: what `load` needs besides the params."""
   meta = dict(net=dataclasses.asdict(cfg), scaling_factor=float(scaling_factor),
               shift_factor=float(shift_factor), **extra)
-  path = epath.Path(workdir) / METADATA_FILE
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  fs.write_text(fs.join(workdir, METADATA_FILE), json.dumps(meta, indent=2, sort_keys=True) + "\n")
   return meta
 
 
 def read_metadata(workdir) -> dict:
-  path = epath.Path(workdir) / METADATA_FILE
-  if not path.exists():
+  path = fs.join(workdir, METADATA_FILE)
+  if not fs.exists(path):
     raise AutoencoderError(f"{workdir}: no {METADATA_FILE}; train one with "
                            "`python -m tfx.train_autoencoder --config=... --workdir=...`")
-  return json.loads(path.read_text())
+  return json.loads(fs.read_text(path))
 
 
 def net_config_from_meta(meta: dict) -> nets.NetConfig:

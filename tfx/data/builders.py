@@ -11,15 +11,25 @@ Text datasets hold one feature:
   text      Text                      one document
 
 A dataset is any folder holding one tfds version directory (dataset_info.json);
-`write_dataset` makes one, `open_split` reads a split as a random-access source.
+`new_dataset_dir` + `write_dataset` make one, `open_split` reads a split as a
+random-access source.
+
+Object stores: tfds writes array_record files on a local disk only, so a URL
+output is written locally and then uploaded (tfx.fs.upload_dir). tfds reads
+a dataset's metadata through etils.epath (gs:// with gcsfs, the tfx[gcs] extra)
+and array_record reads records from local files or gs:// (its own GCS client,
+Application Default Credentials); any other URL is refused with a clear error.
 """
 import contextlib
 import os
+import shutil
 import tempfile
 from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from tfx import fs
 
 Examples = Callable[[], Iterable[tuple[str, dict]]]
 
@@ -79,10 +89,37 @@ def text_features() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({"text": tfds.features.Text()})
 
 
+@contextlib.contextmanager
+def new_dataset_dir(output_dir: str):
+  """Yields a local scratch folder to write a dataset into; on success it becomes `output_dir`.
+
+  `output_dir` (local or URL) must not exist or be empty. A local one is
+  renamed into place; a URL gets an upload with dataset_info.json last, so a
+  reader never sees half a dataset either way.
+  """
+  if fs.exists(output_dir) and (not fs.isdir(output_dir) or fs.listdir(output_dir)):
+    raise FileExistsError(f"output {output_dir} is not empty (or not a directory); refusing to overwrite it")
+  local = fs.is_local(output_dir)
+  parent = os.path.dirname(os.path.abspath(output_dir)) if local else None
+  if parent:
+    os.makedirs(parent, exist_ok=True)   # same filesystem as output_dir, for the rename
+  tmp = tempfile.mkdtemp(prefix=".tfx_dataset_", dir=parent)
+  try:
+    yield tmp
+    if not local:
+      fs.upload_dir(tmp, output_dir, last=("dataset_info.json",))
+    else:
+      if os.path.exists(output_dir):
+        os.rmdir(output_dir)   # empty, checked above
+      os.replace(tmp, output_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_dataset(builder_cls: type, out_dir: str, features: tfds.features.FeaturesDict,
                   split_examples: dict[str, Examples], *, config_name: str | None = None,
                   description: str = "") -> str:
-  """Writes the splits as array_record files under `out_dir`; returns the version dir.
+  """Writes the splits as array_record files under the local folder `out_dir`; returns the version dir.
 
   Each split is a callable returning (unique key, example) pairs. tfds writes into
   a temporary directory and renames it at the end, so readers never see half a dataset.
@@ -106,12 +143,20 @@ def write_dataset(builder_cls: type, out_dir: str, features: tfds.features.Featu
   return os.fspath(builder.data_dir)
 
 
+def _check_readable(path: str) -> None:
+  """Raises ValueError for a URL that tfds + array_record cannot read a dataset from."""
+  if fs.scheme(path) not in ("", "gs"):
+    raise ValueError(f"cannot read dataset {path}: array_record reads records only from a local disk or gs://; "
+                     f"copy the dataset to a local disk and point there")
+
+
 def find_dataset_dir(path: str) -> str:
   """The tfds version directory inside `path` (itself, or exactly one below it)."""
   path = os.path.expanduser(path)
-  if not os.path.isdir(path):
+  _check_readable(path)
+  if not fs.isdir(path):
     raise FileNotFoundError(f"dataset directory does not exist: {path}")
-  found = sorted(root for root, _, files in os.walk(path)
+  found = sorted(root for root, _, files in fs.walk(path)
                  if "dataset_info.json" in files and not os.path.basename(root).startswith("incomplete"))
   if not found:
     raise FileNotFoundError(f"no tfds dataset (dataset_info.json) under {path}; "

@@ -7,14 +7,19 @@ Layout (data_dir defaults to ~/tensorflow_datasets):
 REVISION changes whenever the generating code changes what is built.
 A file lock makes concurrent processes build each thing once; tfds and the
 tokenizer writer publish by rename, so a reader never sees half a file.
+A URL data_dir (gs://) is built on a local disk and uploaded (dataset_info.json
+last); the lock is then a local file, so hosts may each build the same files.
 """
 import contextlib
 import fcntl
+import hashlib
 import os
+import tempfile
 import time
 
 import numpy as np
 
+from tfx import fs
 from tfx.data import builders, shapes, text_corpus, tokenizer
 
 SHAPES = "shapes"
@@ -30,8 +35,12 @@ def data_dir(config) -> str:
 
 @contextlib.contextmanager
 def _locked(root: str):
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, ".tfx_prepare.lock"), "w") as f:
+  if fs.is_local(root):
+    os.makedirs(root, exist_ok=True)
+    lock = os.path.join(root, ".tfx_prepare.lock")
+  else:  # object stores have no locks: serialise this host's processes
+    lock = os.path.join(tempfile.gettempdir(), f"tfx_prepare_{hashlib.sha1(root.encode()).hexdigest()[:12]}.lock")
+  with open(lock, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -54,30 +63,37 @@ def shapes_dir(config) -> str:
   """The shapes dataset for config.data sizes, built if missing."""
   d = config.data
   name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}_r{REVISION}"
-  root = os.path.join(data_dir(config), SHAPES, name)
+  root = fs.join(data_dir(config), SHAPES, name)
 
-  def build():
+  def build(local_data_dir):
     t0 = time.time()
     sizes = {"train": d.shapes_train_size, "validation": d.shapes_eval_size,
              "test": d.shapes_eval_size, "heldout": d.shapes_eval_size}
     builders.write_dataset(
-        builders.Shapes, data_dir(config),
+        builders.Shapes, local_data_dir,
         builders.image_text_features(resolution=shapes.SIZE, with_spec=True),
         {s: _shape_examples(s, n) for s, n in sizes.items() if n > 0}, config_name=name,
         description="Procedural shapes (tfx.data.shapes); heldout holds colour-shape pairs absent from train.")
     print(f"tfx.data: built shapes {name} in {time.time() - t0:.1f}s under {root}", flush=True)
 
-  return _build_once(config, root, build)
+  return _build_once(config, (SHAPES, name), build)
 
 
-def _build_once(config, root: str, build) -> str:
-  """Runs `build` unless the dataset at `root` exists; one process builds, others wait."""
+def _build_once(config, parts: tuple[str, ...], build) -> str:
+  """Runs `build(local data_dir)` unless data_dir/parts holds a dataset; one process builds, others wait."""
+  root = fs.join(data_dir(config), *parts)
+
   def built():
-    return os.path.exists(os.path.join(root, "1.0.0", "dataset_info.json"))
+    return fs.exists(fs.join(root, "1.0.0", "dataset_info.json"))
   if not built():
     with _locked(data_dir(config)):
       if not built():
-        build()
+        if fs.is_local(root):
+          build(data_dir(config))
+        else:
+          with tempfile.TemporaryDirectory(prefix=".tfx_builtin_") as tmp:
+            build(tmp)
+            fs.upload_dir(os.path.join(tmp, *parts), root, last=("dataset_info.json",))
   return root
 
 
@@ -92,9 +108,8 @@ def _text_examples(split: str):
 def pydoc_dir(config) -> str:
   """The pydoc topics text dataset, built if missing."""
   name = f"r{REVISION}"
-  root = os.path.join(data_dir(config), PYDOC, name)
-  return _build_once(config, root, lambda: builders.write_dataset(
-      builders.PydocTopics, data_dir(config), builders.text_features(),
+  return _build_once(config, (PYDOC, name), lambda local_data_dir: builders.write_dataset(
+      builders.PydocTopics, local_data_dir, builders.text_features(),
       {s: _text_examples(s) for s in ("train", "validation")}, config_name=name,
       description="English prose of Python's pydoc_data.topics."))
 
@@ -102,20 +117,15 @@ def pydoc_dir(config) -> str:
 def ensure_tokenizer(config) -> str:
   """Path of the default tokenizer (pydoc prose + shapes captions), trained if missing."""
   vocab = config.data.tokenizer_vocab_size
-  path = os.path.join(data_dir(config), "tfx_tokenizer", f"v{vocab}_r{REVISION}", "tokenizer.model")
-  if os.path.exists(path):
+  path = fs.join(data_dir(config), "tfx_tokenizer", f"v{vocab}_r{REVISION}", "tokenizer.model")
+  if fs.exists(path):
     return path
   with _locked(data_dir(config)):
-    if not os.path.exists(path):
+    if not fs.exists(path):
       rng = np.random.default_rng(_SHAPES_SEED)
       texts = [t for k, t in text_corpus.documents() if text_corpus.split_of(k) == "train"]
       texts += shapes.grammar_captions(rng, _TOKENIZER_CAPTIONS)
-      proto = tokenizer.train_model(texts, vocab)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = f"{path}.tmp{os.getpid()}"
-      with open(tmp, "wb") as f:
-        f.write(proto)
-      os.replace(tmp, path)
+      fs.write_bytes(path, tokenizer.train_model(texts, vocab))  # atomic
   return path
 
 
@@ -126,7 +136,7 @@ def resolve(config, name: str) -> str:
   if name == PYDOC:
     return pydoc_dir(config)
   path = os.path.expanduser(name)
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     raise FileNotFoundError(f"data source {name!r} is neither a built-in ({SHAPES}, {PYDOC}) "
                             f"nor an existing directory")
   return path

@@ -2,7 +2,8 @@
 
 PATH is a JSON-lines file of {"image": path, "caption": text} (image paths
 relative to the file), a webdataset tar shard as img2dataset writes them
-(`KEY.jpg` + `KEY.txt`), or a directory holding such files. Images of any size
+(`KEY.jpg` + `KEY.txt`), or a directory holding such files; local or a URL
+(gs://, with the tfx[gcs] extra), as is --output. Images of any size
 and mode become RGB, center-cropped and resized to --resolution. Unreadable or
 missing images and empty captions are skipped and counted. Train with
 `--config.data.image_text=DIR`.
@@ -12,16 +13,15 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 import zlib
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
+from tfx import fs
 from tfx.data import builders
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -56,8 +56,8 @@ def to_square_rgb(data: bytes, resolution: int) -> np.ndarray:
 
 
 def _jsonl_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, str]]:
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8") as f:
+  base = os.path.dirname(os.path.abspath(path)) if fs.is_local(path) else os.path.dirname(path)
+  with fs.open(path) as f:
     for n, line in enumerate(f):
       if not line.strip():
         continue
@@ -67,10 +67,10 @@ def _jsonl_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None,
       except (ValueError, KeyError, TypeError):
         counts.bad_lines += 1
         continue
-      image_path = os.path.join(base, os.path.expanduser(str(image)))
+      image = str(image)
+      image_path = image if fs.scheme(image) else fs.join(base, os.path.expanduser(image))
       try:
-        with open(image_path, "rb") as fi:
-          data = fi.read()
+        data = fs.read_bytes(image_path)
       except OSError:
         data = None
       yield f"{os.path.basename(path)}:{n}", data, str(caption)
@@ -88,7 +88,7 @@ def _tar_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, s
 
   key, files = None, {}
   try:
-    with tarfile.open(path, mode="r|*") as tar:
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
       for member in tar:
         if not member.isfile():
           continue
@@ -108,10 +108,9 @@ def _tar_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, s
 
 def input_files(path: str) -> list[str]:
   """The .jsonl / .tar files that PATH names (a file, or a directory of them)."""
-  if os.path.isdir(path):
-    names = sorted(os.listdir(path))
-    return [os.path.join(path, n) for n in names if n.endswith((".jsonl", ".tar"))]
-  if os.path.isfile(path):
+  if fs.isdir(path):
+    return [fs.join(path, n) for n in fs.listdir(path) if n.endswith((".jsonl", ".tar"))]
+  if fs.exists(path):
     return [path]
   raise FileNotFoundError(f"input does not exist: {path}")
 
@@ -148,32 +147,23 @@ def examples(path: str, resolution: int, validation_fraction: float, counts: Cou
 
 def prepare(input_path: str, output_dir: str, resolution: int, validation_fraction: float = 0.0) -> Counts:
   """Writes the dataset under output_dir (which must not hold anything); returns the counts."""
-  if os.path.exists(output_dir) and os.listdir(output_dir):
-    raise FileExistsError(f"output directory {output_dir} is not empty; refusing to overwrite it")
-  files = input_files(input_path)
-  if not files:
-    raise ValueError(f"no .jsonl or .tar files in {input_path}")
   counts = Counts()
-  parent = os.path.dirname(os.path.abspath(output_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tfx_prepare_", dir=parent)
-  try:
+  with builders.new_dataset_dir(output_dir) as tmp:
+    files = input_files(input_path)
+    if not files:
+      raise ValueError(f"no .jsonl or .tar files in {input_path}")
+    source = os.path.abspath(input_path) if fs.is_local(input_path) else input_path
     splits = {"train": lambda: examples(input_path, resolution, validation_fraction, counts, "train")}
     if validation_fraction > 0:
       splits["validation"] = lambda: examples(input_path, resolution, validation_fraction, counts, "validation")
     try:
       builders.write_dataset(builders.ImageText, tmp, builders.image_text_features(resolution=resolution),
-                             splits, description=f"Prepared from {os.path.abspath(input_path)}")
+                             splits, description=f"Prepared from {source}")
     except AssertionError as e:   # tfds refuses to write an empty split
       if counts.written == 0:
         raise ValueError(f"no usable image-caption pair in {input_path} ({counts.summary()})") from None
       raise ValueError(f"a split would be empty ({counts.summary()}); "
                        f"change --validation_fraction") from e
-    if os.path.exists(output_dir):
-      os.rmdir(output_dir)   # empty, checked above
-    os.replace(tmp, output_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return counts
 
 

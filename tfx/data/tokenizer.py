@@ -15,6 +15,8 @@ from typing import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from tfx import fs
+
 BOI_PIECE = "<boi>"
 EOI_PIECE = "<eoi>"
 PAD_PIECE = "<pad>"
@@ -79,12 +81,11 @@ class Tokenizer:
 
 
 def from_file(path: str) -> Tokenizer:
-  """Loads any SentencePiece .model file."""
+  """Loads any SentencePiece .model file (local or a URL)."""
   try:
-    with open(path, "rb") as f:
-      return Tokenizer(f.read())
+    return Tokenizer(fs.read_bytes(path))
   except OSError as e:
-    raise FileNotFoundError(f"cannot read tokenizer model {path}: {e.strerror}") from None
+    raise FileNotFoundError(f"cannot read tokenizer model {path}: {e.strerror or e}") from None
   except RuntimeError as e:
     raise ValueError(f"{path} is not a SentencePiece model ({e})") from None
 
