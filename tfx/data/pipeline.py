@@ -24,6 +24,8 @@ import jax
 from absl import flags
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_parser
 
 from tfx import patching
 from tfx.data import builders, builtin, examples, packing, tokenizer as tokenizer_lib
@@ -137,8 +139,6 @@ def record_reader(source) -> Callable[[int], dict]:
   ~110 us read, this decoder 11 us (proto parse + one numpy copy per feature). Any other
   source, feature type or decoder setting reads through tfds.
   """
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.core import example_parser
   features = getattr(getattr(source, "dataset_info", None), "features", None)
   raw = getattr(source, "data_source", None)
   if features is None or raw is None or getattr(source, "decoders", None):
