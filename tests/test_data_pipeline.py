@@ -295,6 +295,32 @@ def test_latent_datasets_are_read_directly(tmp_path, config):
   assert path.startswith(str(tmp_path))
 
 
+def test_record_reader_decodes_like_tfds(tmp_path, config):
+  import tensorflow_datasets as tfds
+  rng = np.random.default_rng(0)
+  features = tfds.features.FeaturesDict({"latent": tfds.features.Tensor(shape=(4, 4, 2), dtype=np.float32),
+                                         "counts": tfds.features.Tensor(shape=(3,), dtype=np.int64),
+                                         "caption": tfds.features.Text()})
+  def gen():
+    for i in range(5):
+      yield str(i), {"latent": rng.normal(size=(4, 4, 2)).astype(np.float32), "counts": rng.integers(-9, 9, 3),
+                     "caption": f"caption {i} \u00e9"}
+  builders.write_dataset(builders.ImageText, str(tmp_path), features, {"train": gen})
+  sources = {"lean": builders.open_split(str(tmp_path), "train"), "text": pipeline.open_source(config, "text", "train"),
+             "pixels": pipeline.open_source(config, "image_text", "validation")}
+  for name, src in sources.items():
+    read = pipeline.record_reader(src)
+    assert (read == src.__getitem__) == (name == "pixels"), name   # PNG images read through tfds
+    for i in range(5):
+      got, want = read(i), src[i]
+      assert got.keys() == want.keys()
+      for k in want:
+        assert type(got[k]) is type(want[k]), k
+        if isinstance(want[k], np.ndarray):
+          assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_multiprocess_prefetch_matches_in_process_and_resumes(config):
   c = config.copy_and_resolve_references()
   c.data.worker_count = 1

@@ -24,6 +24,8 @@ import jax
 from absl import flags
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_parser
 
 from tfx import patching
 from tfx.data import builders, builtin, examples, packing, tokenizer as tokenizer_lib
@@ -125,6 +127,49 @@ def open_source(config, which: str, split: str):
   return builders.open_split(path, split)
 
 
+_FLOAT_KINDS = {np.dtype(np.float32), np.dtype(np.float64)}
+_INT_KINDS = {np.dtype(np.int32), np.dtype(np.int64)}
+
+
+def record_reader(source) -> Callable[[int], dict]:
+  """`source[i]` as a function; for a tfds array_record split of Text and static-shape numeric
+  Tensor features (every tfx dataset but pixel images), a lean decoder of the same values.
+
+  Measured at the paper shape: tfds' generic decoding took 66 us of a 32 KB latent record's
+  ~110 us read, this decoder 11 us (proto parse + one numpy copy per feature). Any other
+  source, feature type or decoder setting reads through tfds.
+  """
+  features = getattr(getattr(source, "dataset_info", None), "features", None)
+  raw = getattr(source, "data_source", None)
+  if features is None or raw is None or getattr(source, "decoders", None):
+    return source.__getitem__
+  specs = {}
+  for name, f in features.items():
+    if type(f) is tfds.features.Text:
+      specs[name] = "text"
+    elif (type(f) is tfds.features.Tensor and f._encoding == tfds.features.Encoding.NONE
+          and None not in f.shape and np.dtype(f.np_dtype) in _FLOAT_KINDS | _INT_KINDS):
+      specs[name] = (np.dtype(f.np_dtype), tuple(f.shape))
+    else:
+      return source.__getitem__
+  parse = example_parser.tf_example_pb2.Example.FromString
+
+  def read(i: int) -> dict:
+    feature = parse(raw[i]).features.feature
+    out = {}
+    for name, spec in specs.items():
+      f = feature[name]
+      if spec == "text":
+        out[name] = f.bytes_list.value[0]
+      else:
+        dtype, shape = spec
+        values = f.float_list.value if dtype in _FLOAT_KINDS else f.int64_list.value
+        out[name] = np.asarray(values, dtype).reshape(shape)
+    return out
+
+  return read
+
+
 def slice_positions(size: int, part: int, parts: int) -> range:
   """The source positions part `part` of `parts` reads: [part::parts], or all of them if the source is smaller."""
   return range(part, size, parts) if size >= parts else range(size)
@@ -149,7 +194,7 @@ class _IndexedStream:
   def __init__(self, source, positions: range, make: Callable, seed: int):
     if not len(positions):
       raise ValueError("a data source is empty")
-    self.source, self.positions, self.make, self.seed = source, positions, make, seed
+    self.read, self.positions, self.make, self.seed = record_reader(source), positions, make, seed
     self.index, self.offset = 0, 0
     self._chunk_id, self._chunk = None, None
     self._epoch, self._order = None, None
@@ -169,7 +214,7 @@ class _IndexedStream:
     c, j = divmod(self.index, _CHUNK)
     if c != self._chunk_id:
       indices = [self._source_index(i) for i in range(c * _CHUNK, (c + 1) * _CHUNK)]
-      records = [self.source[i] for i in indices]
+      records = [self.read(i) for i in indices]
       self._chunk_id, self._chunk = c, self.make(records, np.random.default_rng([self.seed, 1 << 40, c]))
     return self._chunk[j]
 
