@@ -85,7 +85,7 @@ def test_the_experiment_reads_the_vae_it_is_given():
   assert (flux.scaling_factor, flux.shift_factor) == pytest.approx((0.3611, 0.1159))
   away = _experiment("size=0.16B,vae=/not/on/this/machine")   # a dry run away from the data: the paper's VAE
   assert (away.autoencoder.kind, away.autoencoder.latent_channels, away.autoencoder.downsample) == ("vae", 8, 8)
-  assert away.image.max_images_per_seq == 4096 // (256 + 2)
+  assert (away.image.resolution // away.autoencoder.downsample) ** 2 // away.image.patch_size ** 2 == 256
 
 
 def test_evaluation_pairs_of_a_latent_cache_are_its_decoded_latents(data):
