@@ -180,13 +180,8 @@ def test_query_blocked_attention_matches_dense():
 def test_timed_records_are_packed_full_like_the_configs_mix():
   """dryrun.random_batch: rows full but for a pair that did not fit, images at about the
   config's share of positions and never past the per-record cap, whole images only."""
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "transfusion.py"
-  spec = importlib.util.spec_from_file_location("transfusion_exp", path)
-  exp = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(exp)
-  config = exp.get_config("size=0.16B")
+  from train_helpers import experiment_config
+  config = experiment_config("transfusion", "size=0.16B")
   config.global_batch_size = 16
   config.model.vocab_size = 32128
   batch = dryrun.random_batch(config, np.random.default_rng(0))

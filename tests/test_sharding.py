@@ -83,8 +83,8 @@ def test_every_param_divides_over_the_mesh(encoder, preset):
 def test_paper_unet_weights_shard_over_fsdp(patch):
   """The paper's ~0.27B U-Net (experiments/transfusion.py) on an fsdp mesh of 8 simulated devices:
   no param over 1M elements is replicated, and every fsdp-split dim also divides over 64 devices."""
-  from experiments import transfusion
-  config = transfusion.get_config(f"size=0.16B,encoder=unet,patch={patch}")
+  from train_helpers import experiment_config
+  config = experiment_config("transfusion", f"size=0.16B,encoder=unet,patch={patch}")
   abstract = nnx.eval_shape(lambda: tfx.model.build_model(config, nnx.Rngs(0)))
   state = nnx.state(abstract.patches, nnx.Param)
   device_mesh = mesh.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1)), jax.devices()[:8])

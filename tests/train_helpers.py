@@ -9,12 +9,17 @@ from jax.experimental.compilation_cache import compilation_cache
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny_config(**overrides):
-  """experiments/shapes.py:tiny with dotted-key overrides, e.g. {"mesh.data": 8}."""
-  spec = importlib.util.spec_from_file_location("shapes_experiment", ROOT / "experiments" / "shapes.py")
+def experiment_config(name: str, arg: str = ""):
+  """experiments/NAME.py's get_config(arg) (experiments/ is no package: loaded from its path)."""
+  spec = importlib.util.spec_from_file_location(f"{name}_experiment", ROOT / "experiments" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  return module.get_config(arg)
+
+
+def tiny_config(**overrides):
+  """experiments/shapes.py:tiny with dotted-key overrides, e.g. {"mesh.data": 8}."""
+  config = experiment_config("shapes", "tiny")
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     node = config
