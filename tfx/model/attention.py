@@ -7,13 +7,13 @@ The mask, per query i and key j (indices into the sequence):
 with horizon[i] = i for a text position and the index of the last patch of
 its image for an image patch. So text is causal, the patches of one image see
 each other (and everything before the image), and nothing crosses packed
-segments or touches padding (segment 0). `model.attention` picks how it is computed:
-"dense" builds the [L, S] boolean mask (CPU, and TPU until the kernel has a TPU
-lowering); "flash" runs tfx/model/flash.py, which takes the two vectors and skips
-every tile they hide (on CPU in Pallas interpret mode: slow, exact); "auto" is
-dense until the kernel has been run on a GPU, then flash there. Generation (a KV cache) stays dense: its
-queries are one token or one image's patches against at most max_len keys, so the
-scores are [n, S], never [L, S].
+segments or touches padding (segment 0). `model.attention` picks how it is
+computed: "dense" builds the [L, S] boolean mask (CPU, and TPU until the kernel
+has a TPU lowering); "flash" runs tfx/model/flash.py, which takes the two vectors
+and skips every tile they hide (on CPU in Pallas interpret mode: slow, exact);
+"auto" is dense until the kernel has been run on a GPU, then flash there.
+Generation (a KV cache) stays dense: its queries are one token or one image's
+patches against at most max_len keys, so the scores are [n, S], never [L, S].
 
 KV cache (for generation; training passes cache=None):
 
@@ -179,7 +179,8 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qk_norm: bool,
-               rope_theta: float, norm_eps: float, rngs: nnx.Rngs, dtype=jnp.float32, impl: str = "dense"):
+               rope_theta: float, norm_eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
+               impl: str = "dense"):
     if n_heads % n_kv_heads:
       raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     self.q = layers.Dense((d_model,), (n_heads, head_dim), ("embed", "heads", "head_dim"),
@@ -213,11 +214,11 @@ class Attention(nnx.Module):
       k_cache, v_cache, offset = layer_cache
       k_BSGK = jax.lax.dynamic_update_slice(k_cache, k_BLGK.astype(k_cache.dtype), (0, offset, 0, 0))
       v_BSGK = jax.lax.dynamic_update_slice(v_cache, v_BLGK.astype(v_cache.dtype), (0, offset, 0, 0))
+    k_BSGK_c, v_BSGK_c = k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype)
     if mask.dense_BLS is None:
-      out_BLHK = _sharded_flash(q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype), mask.segment_BL,
-                                mask.horizon_BL, self.impl == "flash_interpret")
+      out_BLHK = _sharded_flash(q_BLHK, k_BSGK_c, v_BSGK_c, mask.segment_BL, mask.horizon_BL,
+                                self.impl == "flash_interpret")
     else:
-      out_BLHK = dot_attention(q_BLHK, k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype),
-                               mask.dense_BLS)
+      out_BLHK = dot_attention(q_BLHK, k_BSGK_c, v_BSGK_c, mask.dense_BLS)
     out_BLHK = checkpoint_name(out_BLHK, "attention_out")
     return self.o(out_BLHK), (k_BSGK, v_BSGK)
