@@ -5,11 +5,12 @@
   python -m tfx.train --config=experiments/shapes.py:long --workdir=/tmp/tfx_long   # ~1.5 hours
 
 Sized for CPU: one step (4 records of 160 positions, ~23 caption-image pairs) runs at
-~6.8 steps/s on 2 idle cores, so 7200 steps plus building the dataset (~30 s) fit the
-20-minute budget of the README's main command: 1113 s measured from an empty HOME. Then
-(test split) one-object images pass 53.1%, count 34.4%, relation 18.8%, and captions are
-91.7% exact (one object and count 100%, relation 75.0%) (docs/evaluation.md); ":long"
-(88 min): one-object 100%, count 75%, relation 75%, captions 100%.
+~7.3 steps/s on 2 idle cores, so 7200 steps plus building the dataset (~30 s) fit the
+20-minute budget of the README's main command: 1052 s measured from an empty HOME. Then
+(test split) one-object images pass 68.8%, count 28.1%, relation 15.6%, and captions are
+88.5% exact (one object and count 100%, relation 65.6%) (docs/evaluation.md); ":long"
+(88 min, measured before the data pipeline's one stream per host): one-object 100%,
+count 75%, relation 75%, captions 100%.
 """
 from tfx import config as tfx_config
 
