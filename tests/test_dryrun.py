@@ -1,5 +1,4 @@
 """experiments/transfusion.py (the paper's setups) and the --dry_run report (tfx/dryrun.py)."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,17 +14,12 @@ from flax import nnx
 from tfx import dryrun
 from tfx.model import build_model, presets
 
+from train_helpers import experiment_config, load_experiment
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _experiment():
-  spec = importlib.util.spec_from_file_location("transfusion_experiment", REPO / "experiments" / "transfusion.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-EXPERIMENT = _experiment()
+EXPERIMENT = load_experiment("transfusion")
 
 
 def _abstract_params(config) -> int:
@@ -111,10 +105,7 @@ def test_dry_run_memory_comes_from_the_compiled_step(small_report):
 
 def test_timed_steps_run_the_compiled_step_on_random_records():
   """--time_steps materializes the state and times the real step (the tiny shapes model, 2 devices)."""
-  spec = importlib.util.spec_from_file_location("shapes_experiment", REPO / "experiments" / "shapes.py")
-  shapes = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(shapes)
-  config = shapes.get_config("tiny")
+  config = experiment_config("shapes", "tiny")
   report = dryrun.report(config, num_devices=2, time_steps=2)
   measured = report["measured"]
   assert measured["steps"] == 2 and 0 < measured["step_seconds_min"] <= measured["step_seconds_median"]
@@ -180,7 +171,6 @@ def test_query_blocked_attention_matches_dense():
 def test_timed_records_are_packed_full_like_the_configs_mix():
   """dryrun.random_batch: rows full but for a pair that did not fit, images at about the
   config's share of positions and never past the per-record cap, whole images only."""
-  from train_helpers import experiment_config
   config = experiment_config("transfusion", "size=0.16B")
   config.global_batch_size = 16
   config.model.vocab_size = 32128

@@ -7,7 +7,6 @@ tiny by --config.* flags; trained by 2 processes x 4 CPU devices with evaluation
 (sample grids on 2 processes: tests/test_multihost.py), stopped after a checkpoint and
 resumed by the same command, then scored by `python -m tfx.evaluate`.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,6 +20,8 @@ from PIL import Image
 
 from tfx import metrics
 from tfx.data import builders
+
+from train_helpers import experiment_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -73,10 +74,7 @@ def data(tmp_path_factory):
 
 
 def _experiment(arg: str):
-  spec = importlib.util.spec_from_file_location("transfusion_experiment", REPO / "experiments" / "transfusion.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return experiment_config("transfusion", arg)
 
 
 def test_the_experiment_reads_the_vae_it_is_given():

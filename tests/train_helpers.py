@@ -9,12 +9,17 @@ from jax.experimental.compilation_cache import compilation_cache
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def experiment_config(name: str, arg: str = ""):
-  """experiments/NAME.py's get_config(arg) (experiments/ is no package: loaded from its path)."""
+def load_experiment(name: str):
+  """experiments/NAME.py as a module (experiments/ is no package: loaded from its path)."""
   spec = importlib.util.spec_from_file_location(f"{name}_experiment", ROOT / "experiments" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def experiment_config(name: str, arg: str = ""):
+  """experiments/NAME.py's get_config(arg)."""
+  return load_experiment(name).get_config(arg)
 
 
 def tiny_config(**overrides):
