@@ -97,3 +97,12 @@ def test_mosaic_kernels_lower_for_tpu():
 
 def test_triton_kernels_lower_for_cuda():
   assert _lower(flash.TRITON, "cuda") == ["__gpu$xla.gpu.triton"] * 3
+
+
+def test_model_attention_flash_tpu_lowers_to_the_mosaic_kernels():
+  """What a model's attention runs under model.attention=flash on a TPU."""
+  q = jax.ShapeDtypeStruct((2, 512, 4, 64), jnp.bfloat16)
+  row = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+  f = lambda q, s, h: attention._sharded_flash(q, q, q, s, h, "flash_tpu")
+  text = jax.jit(f).trace(q, row, row).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("custom_call @tpu_custom_call") == 1

@@ -7,7 +7,8 @@ For each size (`shapes` is experiments/shapes.py's default, the others experimen
     dim; the model's dtype) on two masks: the dry run's records packed like the config's data mix
     (`tfx.dryrun.random_batch`: text documents and caption-image pairs) and one causal text
     segment per row. Paths: dense
-    (XLA, the [L, S] mask), flash (tfx/model/flash.py; on a CPU only with --interpret, slowly),
+    (XLA, the [L, S] mask), flash (tfx/model/flash.py: Triton on a GPU, Mosaic on a TPU; on a CPU
+    only with --interpret, slowly),
     and cuDNN's causal kernel (`jax.nn.dot_product_attention`, GPUs). FLOP/s count the causal
     half of L x L for every path (forward 4 B H K L^2 / 2, forward + backward 3.5x that), so
     they compare as inverse times;
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfx import dryrun, record
-from tfx.model import attention, flash, presets
+from tfx.model import attention, presets
 
 PAPER_SIZES = tuple(presets.PAPER_SIZES)
 # Sequences per device for the paper sizes: one device's share of the paper's 2M-token batch
@@ -84,9 +85,9 @@ def _attention_paths(segment, horizon, causal: bool, interpret: bool) -> dict:
   backend = jax.default_backend()
   paths = {"dense": lambda q, k, v: attention.dot_attention(q, k, v, attention.dense_mask(segment, horizon,
                                                                                            segment))}
-  if backend == "gpu" or interpret:
-    paths["flash"] = lambda q, k, v: flash.flash_attention(q, k, v, segment, horizon,
-                                                           interpret=backend != "gpu")
+  if backend in ("gpu", "tpu") or interpret:
+    kernel = attention.flash_kernel(attention.implementation("flash"))
+    paths["flash"] = lambda q, k, v: kernel(q, k, v, segment, horizon)
   if causal and backend == "gpu":
     paths["cudnn_causal"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                          implementation="cudnn")
@@ -151,7 +152,7 @@ def apply_overrides(config, overrides: dict):
 
 
 def check_kernel() -> list[dict]:
-  """The flash kernel against the dense path on this device: relative errors of out, dq, dk, dv."""
+  """This backend's flash kernels against the dense path: relative errors of out, dq, dk, dv."""
   B, L, H, G, K = 2, 600, 4, 2, 64
   batch = record.random_batch(np.random.default_rng(1), B, L, 64, 1, 1000, max_images=4, min_segments=2)
   segment = jnp.asarray(batch["segment_ids"])
@@ -159,7 +160,7 @@ def check_kernel() -> list[dict]:
   keys = jax.random.split(jax.random.key(1), 4)
   q, k, v, ct = (jax.random.normal(key, (B, L, h, K)) for key, h in zip(keys, (H, G, G, H)))
   mask = attention.dense_mask(segment, horizon, segment)
-  interpret = jax.default_backend() != "gpu"
+  kernel = attention.flash_kernel(attention.implementation("flash"))
 
   def with_grads(f, *xs):
     out, vjp = jax.vjp(f, *xs)
@@ -169,7 +170,7 @@ def check_kernel() -> list[dict]:
   results = []
   for dtype in (jnp.float32, jnp.bfloat16):
     run = jax.jit(lambda q, k, v: with_grads(
-        lambda *a: flash.flash_attention(*a, segment, horizon, interpret=interpret), q, k, v))
+        lambda *a: kernel(*a, segment, horizon), q, k, v))
     got = run(*(x.astype(dtype) for x in (q, k, v)))
     rel = {name: float(jnp.linalg.norm((g.astype(jnp.float32) - r).ravel()) / jnp.linalg.norm(r.ravel()))
            for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}

@@ -41,8 +41,9 @@ def default() -> ml_collections.ConfigDict:
   m.unet_blocks_per_level = 1        # residual blocks per U-Net level
   m.t_embed_dim = 256                # sinusoidal timestep features before the MLP
   m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
-  m.attention = "auto"               # "dense" ([L, S] mask), "flash" (tfx/model/flash.py; Pallas interpret
-                                     # mode on CPU), "auto" (dense until the kernel has run on a GPU)
+  m.attention = "auto"               # "dense" ([L, S] mask), "flash" (tfx/model/flash.py: Triton on GPU,
+                                     # Mosaic on TPU, Pallas interpret mode on CPU), "auto" (dense until
+                                     # the kernels are measured on hardware)
   m.remat = "none"                   # per-block remat, by what it keeps: "none" (all), "full" (nothing),
                                      # "dots" (matmul outputs), "attention" (attention outputs),
                                      # "dots_offload" (matmul outputs in host memory)

@@ -8,10 +8,10 @@ with horizon[i] = i for a text position and the index of the last patch of
 its image for an image patch. So text is causal, the patches of one image see
 each other (and everything before the image), and nothing crosses packed
 segments or touches padding (segment 0). `model.attention` picks how it is
-computed: "dense" builds the [L, S] boolean mask (CPU, and TPU until the kernel
-has a TPU lowering); "flash" runs tfx/model/flash.py, which takes the two vectors
-and skips every tile they hide (on CPU in Pallas interpret mode: slow, exact);
-"auto" is dense until the kernel has been run on a GPU, then flash there.
+computed: "dense" builds the [L, S] boolean mask; "flash" runs the kernels of
+tfx/model/flash.py, which take the two vectors and skip every tile they hide (Triton
+on a GPU, Mosaic on a TPU, the Triton kernels in Pallas interpret mode on a CPU: slow,
+exact); "auto" is dense everywhere until the kernels have been measured on hardware.
 Generation (a KV cache) stays dense: its queries are one token or one image's
 patches against at most max_len keys, so the scores are [n, S], never [L, S].
 
@@ -33,6 +33,7 @@ and must fit: length + L <= max_len (checked when length is concrete; under
 jit the caller sizes the cache, as an overflowing write would be clamped).
 RoPE uses the batch's `positions`, so rows may be left-padded with segment 0.
 """
+import functools
 import math
 
 import flax.struct
@@ -42,7 +43,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tfx import mesh, record
-from tfx.model import flash, layers
+from tfx.model import flash, flash_tpu, layers
 
 _NEG = -1e30
 
@@ -91,20 +92,17 @@ IMPLEMENTATIONS = ("auto", "dense", "flash")
 
 
 def implementation(name: str) -> str:
-  """config.model.attention resolved for this backend: "dense", "flash" or "flash_interpret"."""
+  """config.model.attention resolved for this backend: "dense", "flash" (Triton, GPU), "flash_tpu"
+  (Mosaic, TPU) or "flash_interpret" (the Triton kernels in Pallas interpret mode, elsewhere).
+
+  "auto" is "dense" on every backend: the kernels are checked in interpret mode and lowered for GPU
+  and TPU from a CPU, but have not run or been timed on either (docs/scale.md); "flash" asks for them.
+  """
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention must be one of {IMPLEMENTATIONS}, got {name!r}")
-  backend = jax.default_backend()
-  if name == "auto":
-    # dense until the kernel has run on a GPU: it is checked only in Pallas interpret mode so far
-    # (docs/scale.md); `flash` asks for it explicitly
+  if name != "flash":
     return "dense"
-  if name == "flash" and backend == "tpu":
-    raise ValueError("model.attention='flash' has no TPU lowering yet (its kernels use Pallas' Triton "
-                     "lowering); use 'dense' or 'auto' on TPU")
-  if name == "flash" and backend != "gpu":
-    return "flash_interpret"
-  return name
+  return {"gpu": "flash", "tpu": "flash_tpu"}.get(jax.default_backend(), "flash_interpret")
 
 
 @flax.struct.dataclass
@@ -122,10 +120,17 @@ def make_mask(segment_BL, horizon_BL, k_segment_BS, impl: str) -> Mask:
   return Mask(segment_BL, horizon_BL, k_segment_BS, dense)
 
 
-def _sharded_flash(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL, interpret: bool):
-  """flash_attention, run per shard under the current mesh (batch over the data-like axes, heads
+def flash_kernel(impl: str):
+  """flash.flash_attention(q, k, v, segment, horizon) with the kernels of `impl`, one of
+  implementation()'s flash results."""
+  lowering = flash_tpu.MOSAIC if impl == "flash_tpu" else flash.TRITON
+  return functools.partial(flash.flash_attention, lowering=lowering, interpret=impl == "flash_interpret")
+
+
+def _sharded_flash(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL, impl: str):
+  """flash_kernel(impl), run per shard under the current mesh (batch over the data-like axes, heads
   over tensor): a Pallas call is opaque to XLA's partitioner, which would gather it whole."""
-  run = lambda q, k, v, s, h: flash.flash_attention(q, k, v, s, h, interpret=interpret)
+  run = flash_kernel(impl)
   abstract_mesh = jax.sharding.get_abstract_mesh()
   if abstract_mesh is None or abstract_mesh.empty:
     return run(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL)
@@ -217,7 +222,7 @@ class Attention(nnx.Module):
     k_BSGK_c, v_BSGK_c = k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype)
     if mask.dense_BLS is None:
       out_BLHK = _sharded_flash(q_BLHK, k_BSGK_c, v_BSGK_c, mask.segment_BL, mask.horizon_BL,
-                                self.impl == "flash_interpret")
+                                self.impl)
     else:
       out_BLHK = dot_attention(q_BLHK, k_BSGK_c, v_BSGK_c, mask.dense_BLS)
     out_BLHK = checkpoint_name(out_BLHK, "attention_out")
