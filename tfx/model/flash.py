@@ -321,7 +321,7 @@ def _pad_to(x, axis, size, value=0):
 
 def flash_attention(q_BLHK, k_BLGK, v_BLGK, segment_BL, horizon_BL, *,
                     block_sizes: BlockSizes | None = None, lowering: Lowering = TRITON,
-                    interpret=False):
+                    interpret: bool = False):
   """Self-attention under the Transfusion mask (keys are the queries' own positions).
 
   Any length: the sequence is padded to a multiple of the blocks (padding is segment 0)
