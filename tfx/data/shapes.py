@@ -127,7 +127,7 @@ def _boxes_apart(a: Obj, b: Obj) -> bool:
   return abs(a.cx - b.cx) >= half or abs(a.cy - b.cy) >= half
 
 
-def _relation_holds(a: Obj, b: Obj, relation: str, margin: float = 0.0) -> bool:
+def relation_holds(a: Obj, b: Obj, relation: str, margin: float = 0.0) -> bool:
   """Centre geometry: the main axis difference dominates the other by `margin`."""
   dx, dy = b.cx - a.cx, b.cy - a.cy   # from a to b; image y grows downward
   main, other = {"to the left of": (dx, dy), "to the right of": (-dx, dy),
@@ -164,7 +164,7 @@ def sample_spec(rng: np.random.Generator, combos=TRAIN_COMBOS, kind: str | None 
     relation = RELATIONS[rng.integers(len(RELATIONS))]
     a = _place(rng, *combos[i], 12, 20)
     b = _place(rng, *combos[j], 12, 20)
-    if _boxes_apart(a, b) and _relation_holds(a, b, relation, margin=6.0):
+    if _boxes_apart(a, b) and relation_holds(a, b, relation, margin=6.0):
       return Spec(kind, (a, b), relation)
   raise RuntimeError(f"could not place a {kind} scene")
 
@@ -180,7 +180,7 @@ def sample_heldout_spec(rng: np.random.Generator) -> Spec:
   for _ in range(1000):
     c, s = other[rng.integers(len(other))]
     b = _place(rng, c, s, 12, 20)
-    if _boxes_apart(spec.objects[0], b) and _relation_holds(spec.objects[0], b, spec.relation, 6.0):
+    if _boxes_apart(spec.objects[0], b) and relation_holds(spec.objects[0], b, spec.relation, 6.0):
       return Spec("relation", (spec.objects[0], b), spec.relation)
   raise RuntimeError("could not place a held-out relation scene")
 
@@ -303,7 +303,7 @@ def score(image: np.ndarray, caption_text: str) -> dict:
   if q.kind == "relation":
     a = [d for d in found if (d.color, d.shape) == q.groups[0][1:]]
     b = [d for d in found if (d.color, d.shape) == q.groups[1][1:]]
-    position_ok = len(a) == 1 and len(b) == 1 and _relation_holds(a[0], b[0], q.relation)
+    position_ok = len(a) == 1 and len(b) == 1 and relation_holds(a[0], b[0], q.relation)
   return dict(kind=q.kind, color=bool(color_ok), shape=bool(shape_ok), count=bool(count_ok),
               position=bool(position_ok), passed=bool(color_ok and shape_ok and count_ok and position_ok))
 
