@@ -26,6 +26,7 @@ _EDGE = 0.5
 _SCALES = (2, 3, 4, 8)
 _FILTERS = (Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS)
 _ALIASED = 0.2             # share of scenes drawn straight at 64 px
+_OUTLINED = 0.5            # share of objects with an outline
 
 
 def place(rng: np.random.Generator, color: str, shape: str, kind: str) -> shapes.Obj:
@@ -59,7 +60,7 @@ def render(spec: shapes.Spec, rng: np.random.Generator) -> np.ndarray:
   for o in spec.objects:
     fill = jitter_color(rng, o.color)
     outline = None
-    if rng.random() < 0.5:
+    if rng.random() < _OUTLINED:
       outline = tuple(int(v * (1 - rng.uniform(0, OUTLINE_DARKEN))) for v in fill)
     half_w = o.size / 2
     half_h = half_w * (rng.uniform(*TRIANGLE_HEIGHT) if o.shape == "triangle" else 1.0)
