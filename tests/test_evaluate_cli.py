@@ -61,6 +61,16 @@ def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, cap
   assert os.path.isfile(os.path.join(workdir, "eval", "2.png"))
   assert "text-to-image pass" in out and "perplexity held-out text" in out and "cfg1_steps2" in out
   assert "6 test pairs (rates below), 3 held-out" in out
+  # the alt split (evaluation-only renderer) beside it: its own JSON, a column headed "alt"
+  alt = json.loads(open(os.path.join(workdir, "eval", "2_alt.json")).read())
+  assert alt["options"]["split"] == "alt" and alt["metrics"]["t2i_num"] == 6 and len(alt["captions"]) == 9
+  assert [c["reference"] for c in alt["captions"]] != [c["reference"] for c in record["captions"]]
+  assert "6 alt pairs (rates below), 3 held-out" in out
+  lines = out.splitlines()
+  assert any(line.split() == ["test", "alt"] for line in lines)
+  row = next(line for line in lines if line.startswith("caption exact match "))
+  assert row.split()[3:] == [f"{m['caption_exact_match']:.1%}", f"{alt['metrics']['caption_exact_match']:.1%}"]
+  assert os.path.isfile(os.path.join(workdir, "eval", "2_alt.png"))
   assert any("tfevents" in f for f in os.listdir(os.path.join(workdir, "tensorboard")))
   # a second evaluation of the same step goes beside the first, never over it
   eval_dir = os.path.join(workdir, "eval")
@@ -107,7 +117,7 @@ def test_mesh_flag_evaluates_like_one_device(workdir, shapesnet_path, capsys):
   records = []
   for extra in ([], ["--mesh", "fsdp=8"]):
     args = ["--workdir", workdir, "--num", "3", "--num_heldout", "0", "--steps", "2", "--caption_tokens", "4",
-            "--text_records", "2", "--shapesnet", shapesnet_path, *extra]
+            "--text_records", "2", "--shapesnet", shapesnet_path, "--no_alt", *extra]
     assert evaluate.main(args) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote ")
     records.append(json.loads(open(path).read()))

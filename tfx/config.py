@@ -91,7 +91,7 @@ def default() -> ml_collections.ConfigDict:
 
   # -- data -----------------------------------------------------------------
   c.data = dt = ml_collections.ConfigDict()
-  dt.image_text = "shapes"           # image-caption source: built-in name or prepared dir
+  dt.image_text = "shapes"           # image-caption source: "shapes", "shapes_wide" (built in) or a prepared dir
   dt.text = "pydoc_topics"           # text-only source: built-in name or prepared dir ("" = none)
   dt.data_dir = ""                   # where tfds datasets live ("" = ~/tensorflow_datasets)
   dt.tokenizer = ""                  # SentencePiece .model path ("" = built for the default data)

@@ -3,19 +3,22 @@
 Writes WORKDIR/eval/<step>.json (metrics, options, every generated caption with its
 reference), a PNG grid of the first 24 generated images beside it (prompts listed in the
 JSON), TensorBoard scalars under WORKDIR/tensorboard (tag eval/<metric>), and prints a
-short table. Sweeps: several --cfg_scales and/or --steps evaluate text-to-image once per
-combination. --mesh shards the params over a device mesh as in training (a checkpoint
+short table. For a shapes world it then evaluates the `alt` split too (scenes drawn by an
+evaluation-only renderer, tfx.data.shapes_alt; eval/<step>_alt.*, tags eval_alt/<metric>)
+and prints its column beside the first; --no_alt skips it. Sweeps: several --cfg_scales
+and/or --steps evaluate text-to-image once per combination. --mesh shards the params over a device mesh as in training (a checkpoint
 too large for one device).
 """
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 
 import jax
 
-from tfx import fs, mesh as mesh_lib, restore
-from tfx.eval import results, suite
+from tfx import fs, generate, mesh as mesh_lib, restore
+from tfx.eval import eval_set, results, suite
 
 USAGE_ERROR = 2
 
@@ -56,7 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   d = suite.Options()
   p.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
-  p.add_argument("--split", default=d.split, help="image-caption split to evaluate")
+  p.add_argument("--split", default=d.split, help=f"image-caption split to evaluate ({eval_set.ALT_SPLIT}: scenes "
+                                                   "drawn by the evaluation-only renderer)")
+  p.add_argument("--no_alt", action="store_true",
+                 help=f"skip the {eval_set.ALT_SPLIT} split a shapes world is also evaluated on, beside --split")
   p.add_argument("--num", type=int, default=d.num, help="pairs of --split (equal share per caption kind)")
   p.add_argument("--num_heldout", type=int, default=d.num_heldout, help="pairs of held-out combinations")
   p.add_argument("--cfg_scales", type=float, nargs="+", default=None, help="guidance scales (sweep)")
@@ -89,26 +95,31 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def format_table(metrics: dict[str, float]) -> str:
-  """The headline metrics, one per line."""
-  lines = []
-  for key, label, fmt in TABLE:
-    if key not in metrics:
-      continue
-    v = metrics[key]
-    if fmt == "pct":
-      text = f"{v:7.1%}"
-    elif fmt.startswith("pct2:"):
-      other = metrics.get(fmt[5:])
-      text = f"{v:7.1%}" + (f" / {other:.1%}" if other is not None else "")
-    elif fmt == "x100":
-      text = f"{100 * v:7.1f}"
-    else:
-      text = f"{v:7.2f}"
-    lines.append(f"{label:<32}{text}")
-  sweeps = sorted(k for k in metrics if k.startswith("t2i_pass@"))
-  lines += [f"{'text-to-image pass ' + k.split('@')[1]:<32}{metrics[k]:7.1%}" for k in sweeps]
-  return "\n".join(lines)
+def _cell(metrics: dict[str, float], key: str, fmt: str) -> str:
+  v = metrics.get(key)
+  if v is None:
+    return "-"
+  if fmt == "pct":
+    return f"{v:.1%}"
+  if fmt.startswith("pct2:"):
+    other = metrics.get(fmt[5:])
+    return f"{v:.1%}" + (f" / {other:.1%}" if other is not None else "")
+  if fmt == "x100":
+    return f"{100 * v:.1f}"
+  return f"{v:.2f}"
+
+
+def format_table(*columns: tuple[str, dict[str, float]]) -> str:
+  """The headline metrics, one per line, one column per (name, metrics); names head the
+  columns when there are several."""
+  rows = [(label, [_cell(m, key, fmt) for _, m in columns]) for key, label, fmt in TABLE
+          if any(key in m for _, m in columns)]
+  sweeps = sorted({k for _, m in columns for k in m if k.startswith("t2i_pass@")})
+  rows += [("text-to-image pass " + k.split("@")[1], [_cell(m, k, "pct") for _, m in columns]) for k in sweeps]
+  if len(columns) > 1:
+    rows.insert(0, ("", [name for name, _ in columns]))
+  widths = [max(7, *(len(cells[i]) for _, cells in rows)) for i in range(len(columns))]
+  return "\n".join(f"{label:<32}" + "  ".join(c.rjust(w) for c, w in zip(cells, widths)) for label, cells in rows)
 
 
 def main(argv=None) -> int:
@@ -138,17 +149,26 @@ def _evaluate(args, mesh) -> int:
       text_records=args.text_records, inception=args.inception_weights,
       shapesnet=args.shapesnet or fs.join(args.workdir, results.EVAL_SUBDIR,
                                           f"shapesnet_{config.image.resolution}px.npz"))
+  splits = [args.split]
   try:
-    result = suite.run(config, model, options)
+    if not args.no_alt and args.split != eval_set.ALT_SPLIT and eval_set.has_alt(config):
+      splits.append(eval_set.ALT_SPLIT)
+    columns, paths = [], []
+    gen = generate.Generator(config, model)   # compiled once for every split
+    for split in splits:
+      opts = dataclasses.replace(options, split=split)
+      result = suite.run(config, model, opts, generator=gen)
+      paths.append(results.write(args.workdir, step, result, opts, name="" if split == args.split else split))
+      held = sum(p.held_out for p in result.pairs.prompts)
+      print(f"step {step}: {len(result.pairs) - held} {split} pairs (rates below), {held} held-out "
+            "(held-out rows)")
+      columns.append((split, result.metrics))
   except ValueError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
-  path = results.write(args.workdir, step, result, options)
-  held = sum(p.held_out for p in result.pairs.prompts)
-  print(f"step {step}: {len(result.pairs) - held} {args.split} pairs (rates below), {held} held-out "
-        "(held-out rows)")
-  print(format_table(result.metrics))
-  print(f"wrote {path}")
+  print(format_table(*columns))
+  for path in paths:
+    print(f"wrote {path}")
   return 0
 
 

@@ -62,6 +62,10 @@ class Shapes(_ArrayRecordDataset, skip_registration=True):
   """The procedural shapes dataset (tfx.data.shapes)."""
 
 
+class ShapesWide(_ArrayRecordDataset, skip_registration=True):
+  """The wider shapes world (tfx.data.shapes_wide); tfds names its folder shapes_wide."""
+
+
 class PydocTopics(_ArrayRecordDataset, skip_registration=True):
   """Prose of Python's pydoc topics (tfx.data.text_corpus)."""
 

@@ -2,6 +2,7 @@
 
 Layout (data_dir defaults to ~/tensorflow_datasets):
   shapes/n{train}_e{eval}_r{REVISION}/1.0.0/    splits train, validation, test, heldout
+  shapes_wide/n{train}_e{eval}_r{REVISION}/1.0.0/   the same splits of the wider world (tfx.data.shapes_wide)
   pydoc_topics/r{REVISION}/1.0.0/                splits train, validation
   tfx_tokenizer/v{vocab}_r{REVISION}/tokenizer.model
 REVISION changes whenever the generating code changes what is built.
@@ -20,9 +21,10 @@ import time
 import numpy as np
 
 from tfx import fs
-from tfx.data import builders, shapes, text_corpus, tokenizer
+from tfx.data import builders, shapes, shapes_wide, text_corpus, tokenizer
 
 SHAPES = "shapes"
+SHAPES_WIDE = "shapes_wide"
 PYDOC = "pydoc_topics"
 _SHAPES_SEED = 1234          # the dataset is a fixed artifact, independent of config.seed
 _TOKENIZER_CAPTIONS = 5000   # grammar captions mixed into the tokenizer's training text
@@ -48,35 +50,42 @@ def _locked(root: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _shape_examples(split: str, n: int):
+def _shape_examples(split: str, n: int, world: str):
   def gen():
     split_index = ["train", "validation", "test", "heldout"].index(split)
     for i in range(n):
       rng = np.random.default_rng([_SHAPES_SEED, split_index, i])
-      spec = shapes.sample_heldout_spec(rng) if split == "heldout" else shapes.sample_spec(rng)
-      yield f"{split}-{i:08d}", {"image": shapes.render(spec), "caption": shapes.caption(spec),
-                                 "spec": spec.to_json()}
+      if world == SHAPES:
+        spec = shapes.sample_heldout_spec(rng) if split == "heldout" else shapes.sample_spec(rng)
+        image = shapes.render(spec)
+      else:   # the rendering style is drawn from the same stream, after the scene
+        spec = shapes_wide.sample_heldout_spec(rng) if split == "heldout" else shapes_wide.sample_spec(rng)
+        image = shapes_wide.render(spec, rng)
+      yield f"{split}-{i:08d}", {"image": image, "caption": shapes.caption(spec), "spec": spec.to_json()}
   return gen
 
 
-def shapes_dir(config) -> str:
-  """The shapes dataset for config.data sizes, built if missing."""
+def shapes_dir(config, world: str = SHAPES) -> str:
+  """The shapes dataset (`world`: SHAPES or SHAPES_WIDE) for config.data sizes, built if missing."""
   d = config.data
   name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}_r{REVISION}"
-  root = fs.join(data_dir(config), SHAPES, name)
+  root = fs.join(data_dir(config), world, name)
+  builder, description = {SHAPES: (builders.Shapes, "Procedural shapes (tfx.data.shapes)"),
+                          SHAPES_WIDE: (builders.ShapesWide,
+                                        "Procedural shapes, the wider world (tfx.data.shapes_wide)")}[world]
 
   def build(local_data_dir):
     t0 = time.time()
     sizes = {"train": d.shapes_train_size, "validation": d.shapes_eval_size,
              "test": d.shapes_eval_size, "heldout": d.shapes_eval_size}
     builders.write_dataset(
-        builders.Shapes, local_data_dir,
+        builder, local_data_dir,
         builders.image_text_features(resolution=shapes.SIZE, with_spec=True),
-        {s: _shape_examples(s, n) for s, n in sizes.items() if n > 0}, config_name=name,
-        description="Procedural shapes (tfx.data.shapes); heldout holds colour-shape pairs absent from train.")
-    print(f"tfx.data: built shapes {name} in {time.time() - t0:.1f}s under {root}", flush=True)
+        {s: _shape_examples(s, n, world) for s, n in sizes.items() if n > 0}, config_name=name,
+        description=f"{description}; heldout holds colour-shape pairs absent from train.")
+    print(f"tfx.data: built {world} {name} in {time.time() - t0:.1f}s under {root}", flush=True)
 
-  return _build_once(config, (SHAPES, name), build)
+  return _build_once(config, (world, name), build)
 
 
 def _build_once(config, parts: tuple[str, ...], build) -> str:
@@ -131,12 +140,12 @@ def ensure_tokenizer(config) -> str:
 
 def resolve(config, name: str) -> str:
   """A data source name from the config -> its dataset directory (built-ins built on demand)."""
-  if name == SHAPES:
-    return shapes_dir(config)
+  if name in (SHAPES, SHAPES_WIDE):
+    return shapes_dir(config, name)
   if name == PYDOC:
     return pydoc_dir(config)
   path = os.path.expanduser(name)
   if not fs.isdir(path):
-    raise FileNotFoundError(f"data source {name!r} is neither a built-in ({SHAPES}, {PYDOC}) "
+    raise FileNotFoundError(f"data source {name!r} is neither a built-in ({SHAPES}, {SHAPES_WIDE}, {PYDOC}) "
                             f"nor an existing directory")
   return path

@@ -11,6 +11,7 @@ connected components, geometry) and checks it against the caption.
 import dataclasses
 import json
 import re
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -127,7 +128,7 @@ def _boxes_apart(a: Obj, b: Obj) -> bool:
   return abs(a.cx - b.cx) >= half or abs(a.cy - b.cy) >= half
 
 
-def _relation_holds(a: Obj, b: Obj, relation: str, margin: float = 0.0) -> bool:
+def relation_holds(a: Obj, b: Obj, relation: str, margin: float = 0.0) -> bool:
   """Centre geometry: the main axis difference dominates the other by `margin`."""
   dx, dy = b.cx - a.cx, b.cy - a.cy   # from a to b; image y grows downward
   main, other = {"to the left of": (dx, dy), "to the right of": (-dx, dy),
@@ -135,26 +136,35 @@ def _relation_holds(a: Obj, b: Obj, relation: str, margin: float = 0.0) -> bool:
   return main > abs(other) + margin
 
 
-def _place(rng: np.random.Generator, color: str, shape: str, lo: int, hi: int) -> Obj:
+SIZES = {"single": (14, 30), "count": (12, 18), "relation": (12, 20)}   # px, per scene kind
+
+
+def _place(rng: np.random.Generator, color: str, shape: str, kind: str) -> Obj:
+  """An integer size for a `kind` scene, 2 px clear of the border."""
+  lo, hi = SIZES[kind]
   size = float(rng.integers(lo, hi + 1))
   r = size / 2 + 2
   return Obj(color, shape, float(rng.uniform(r, SIZE - r)), float(rng.uniform(r, SIZE - r)), size)
 
 
-def sample_spec(rng: np.random.Generator, combos=TRAIN_COMBOS, kind: str | None = None) -> Spec:
-  """A random scene whose objects use only `combos` (colour, shape) pairs."""
+Place = Callable[[np.random.Generator, str, str, str], Obj]   # (rng, colour, shape, kind) -> an object
+
+
+def sample_spec(rng: np.random.Generator, combos=TRAIN_COMBOS, kind: str | None = None,
+                place: Place = _place) -> Spec:
+  """A random scene whose objects use only `combos` (colour, shape) pairs; `place` draws each object."""
   kind = kind or KINDS[rng.integers(len(KINDS))]
   combos = list(combos)
   for _ in range(1000):
     if kind == "single":
       c, s = combos[rng.integers(len(combos))]
-      return Spec(kind, (_place(rng, c, s, 14, 30),))
+      return Spec(kind, (place(rng, c, s, kind),))
     if kind == "count":
       c, s = combos[rng.integers(len(combos))]
       n = int(rng.integers(2, 4))
       objs = []
       for _ in range(200):
-        o = _place(rng, c, s, 12, 18)
+        o = place(rng, c, s, kind)
         if all(_boxes_apart(o, p) for p in objs):
           objs.append(o)
           if len(objs) == n:
@@ -162,25 +172,25 @@ def sample_spec(rng: np.random.Generator, combos=TRAIN_COMBOS, kind: str | None 
       continue
     i, j = rng.choice(len(combos), size=2, replace=False)
     relation = RELATIONS[rng.integers(len(RELATIONS))]
-    a = _place(rng, *combos[i], 12, 20)
-    b = _place(rng, *combos[j], 12, 20)
-    if _boxes_apart(a, b) and _relation_holds(a, b, relation, margin=6.0):
+    a = place(rng, *combos[i], kind)
+    b = place(rng, *combos[j], kind)
+    if _boxes_apart(a, b) and relation_holds(a, b, relation, margin=6.0):
       return Spec(kind, (a, b), relation)
   raise RuntimeError(f"could not place a {kind} scene")
 
 
-def sample_heldout_spec(rng: np.random.Generator) -> Spec:
+def sample_heldout_spec(rng: np.random.Generator, place: Place = _place) -> Spec:
   """A scene in which at least one object is a held-out colour-shape combination."""
   held = sorted(HELDOUT)
-  spec = sample_spec(rng, held, kind=None)
+  spec = sample_spec(rng, held, kind=None, place=place)
   if spec.kind != "relation":
     return spec
   # Pair a held-out object with any other combination.
   other = [cs for cs in COMBOS if cs != (spec.objects[0].color, spec.objects[0].shape)]
   for _ in range(1000):
     c, s = other[rng.integers(len(other))]
-    b = _place(rng, c, s, 12, 20)
-    if _boxes_apart(spec.objects[0], b) and _relation_holds(spec.objects[0], b, spec.relation, 6.0):
+    b = place(rng, c, s, "relation")
+    if _boxes_apart(spec.objects[0], b) and relation_holds(spec.objects[0], b, spec.relation, 6.0):
       return Spec("relation", (spec.objects[0], b), spec.relation)
   raise RuntimeError("could not place a held-out relation scene")
 
@@ -303,7 +313,7 @@ def score(image: np.ndarray, caption_text: str) -> dict:
   if q.kind == "relation":
     a = [d for d in found if (d.color, d.shape) == q.groups[0][1:]]
     b = [d for d in found if (d.color, d.shape) == q.groups[1][1:]]
-    position_ok = len(a) == 1 and len(b) == 1 and _relation_holds(a[0], b[0], q.relation)
+    position_ok = len(a) == 1 and len(b) == 1 and relation_holds(a[0], b[0], q.relation)
   return dict(kind=q.kind, color=bool(color_ok), shape=bool(shape_ok), count=bool(count_ok),
               position=bool(position_ok), passed=bool(color_ok and shape_ok and count_ok and position_ok))
 

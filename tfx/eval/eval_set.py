@@ -3,17 +3,20 @@
 Reads the datasets through tfx.data (nothing here touches tfds directly). For the
 shapes dataset each pair carries its scene spec, so prompts know their kind
 (single / count / relation); prompts are taken in dataset order, an equal number
-per kind, so a run is deterministic and every kind is measured.
+per kind, so a run is deterministic and every kind is measured. The `alt` split
+(shapes worlds only) is drawn here by tfx.data.shapes_alt, a renderer no dataset
+is built with.
 """
 import dataclasses
 import json
 
 import numpy as np
 
-from tfx.data import builders, builtin, examples, packing, tokenizer as tokenizer_lib
+from tfx.data import builders, builtin, examples, packing, shapes, shapes_alt, tokenizer as tokenizer_lib
 from tfx.eval import t2i
 
 HELDOUT_SPLIT = "heldout"
+ALT_SPLIT = shapes_alt.SPLIT
 
 
 @dataclasses.dataclass
@@ -64,6 +67,11 @@ def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairS
   """
   path = builtin.resolve(config, config.data.image_text)
   names = builders.feature_names(path)
+  if split == ALT_SPLIT:
+    if not has_alt(config):
+      raise ValueError(f"split {ALT_SPLIT!r} is drawn by the shapes world's second renderer; "
+                       f"{path} is not a shapes dataset")
+    return alt_pairs(num, held_out=held_out)
   if not names & {"image", "latent"}:
     raise ValueError(f"evaluation needs the images or latents of {path} (its features hold neither)")
   if not _has_split(path, split) and _has_split(path, "validation"):
@@ -93,6 +101,18 @@ def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairS
   return PairSet(prompts, images if pixels else _decode_here(config, images), has_kinds)
 
 
+def has_alt(config) -> bool:
+  """Whether the config's image-caption data is a shapes world (its scenes have specs), so `alt` applies."""
+  return "spec" in builders.feature_names(builtin.resolve(config, config.data.image_text))
+
+
+def alt_pairs(num: int, *, held_out: bool = False) -> PairSet:
+  """`num` scenes drawn by the evaluation-only renderer (an equal share per kind), 64 px like the dataset."""
+  specs = shapes_alt.scenes(num, held_out=held_out)
+  prompts = [t2i.Prompt(shapes.caption(s), s.kind, held_out) for s in specs]
+  return PairSet(prompts, np.stack([shapes_alt.render(s) for s in specs]), True)
+
+
 def _decode_here(config, latents_NhwC: np.ndarray) -> np.ndarray:
   """uint8 images of raw latents, decoded on this process's first device.
 
@@ -108,8 +128,11 @@ def _decode_here(config, latents_NhwC: np.ndarray) -> np.ndarray:
 
 
 def load_eval_pairs(config, split: str, num: int, num_heldout: int) -> PairSet:
-  """`split` pairs plus, when the dataset has a held-out split, `num_heldout` held-out ones."""
+  """`split` pairs plus, when the dataset has a held-out split, `num_heldout` held-out ones
+  (for `alt`, held-out scenes drawn by the same renderer)."""
   pairs = load_pairs(config, split, num)
+  if split == ALT_SPLIT:
+    return pairs + alt_pairs(num_heldout, held_out=True) if num_heldout else pairs
   path = builtin.resolve(config, config.data.image_text)
   if num_heldout and _has_split(path, HELDOUT_SPLIT):
     pairs = pairs + load_pairs(config, HELDOUT_SPLIT, num_heldout, held_out=True)

@@ -1,4 +1,5 @@
-"""What `tfx.evaluate` leaves in a workdir: eval/<step>.json, eval/<step>.png, TensorBoard scalars."""
+"""What `tfx.evaluate` leaves in a workdir: eval/<step>.json, eval/<step>.png, TensorBoard scalars
+(and eval/<step>_alt.* with tags eval_alt/<metric> for the alt split)."""
 import dataclasses
 import io
 import json
@@ -18,11 +19,12 @@ def _free_path(directory: str, stem: str, ext: str) -> str:
   return path
 
 
-def write(workdir: str, step: int, result: suite.Result, options: suite.Options) -> str:
-  """WORKDIR/eval/<step>.json + <step>.png, TensorBoard scalars; returns the JSON path."""
+def write(workdir: str, step: int, result: suite.Result, options: suite.Options, *, name: str = "") -> str:
+  """WORKDIR/eval/<step>[_name].json + .png, TensorBoard scalars (tags eval[_name]/<metric>);
+  returns the JSON path."""
   from PIL import Image
   from tfx import generate
-  path = _free_path(fs.join(workdir, EVAL_SUBDIR), str(step), ".json")
+  path = _free_path(fs.join(workdir, EVAL_SUBDIR), f"{step}_{name}" if name else str(step), ".json")
   captions = [{"reference": p.caption, "generated": c, "kind": p.kind, "held_out": p.held_out}
               for p, c in zip(result.pairs.prompts, result.captions)]
   record = {"step": step, "metrics": result.metrics, "options": dataclasses.asdict(options),
@@ -36,6 +38,6 @@ def write(workdir: str, step: int, result: suite.Result, options: suite.Options)
   fs.write_bytes(path[:-len(".json")] + ".png", png.getvalue())
   writer = fs.tensorboard_writer(fs.join(workdir, "tensorboard"))
   for key, value in result.metrics.items():
-    writer.add_scalar(f"eval/{key}", float(value), step)
+    writer.add_scalar(f"eval_{name}/{key}" if name else f"eval/{key}", float(value), step)
   writer.close()
   return path
