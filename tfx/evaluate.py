@@ -53,7 +53,7 @@ def _mesh_flag(text: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = arguments.ArgumentParser(prog="python -m tfx.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   d = suite.Options()
   p.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
   p.add_argument("--split", default=d.split, help="image-caption split to evaluate")

@@ -22,7 +22,7 @@ USAGE_ERROR = 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """Parses and checks the flags; misuse exits with code 2 and a one-line message."""
   p = arguments.ArgumentParser(prog="python -m tfx.sample", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
   mode = p.add_mutually_exclusive_group(required=True)
   mode.add_argument("--prompt", help="one caption to draw --num images for")
