@@ -83,6 +83,17 @@ def test_image_captions_print_json_lines(workdir, tmp_path, capsys):
   assert all(isinstance(r["caption"], str) for r in rows)
 
 
+def test_long_prompt_is_cut_like_training_and_long_captions_refused(workdir, tmp_path, capsys):
+  long = "a red circle " * 7700   # 100k characters: ran 125 s and 16.7 GB before prompts were cut
+  code, _, err = run_cli(["--workdir", workdir, "--prompt", long, "--num", "1", "--out", str(tmp_path / "o"),
+                          "--steps", "2"], capsys)
+  assert code == 0, err
+  assert "1 prompt(s) cut to data.max_caption_tokens=64 tokens" in err
+  code, _, err = run_cli(["--workdir", workdir, "--image", str(tmp_path / "o" / "00000.png"),
+                          "--max_tokens", "1000"], capsys)
+  assert code == 2 and "--max_tokens 1000 exceeds the model's context (seq_len 96)" in err
+
+
 def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()

@@ -121,6 +121,9 @@ def default() -> ml_collections.ConfigDict:
   o.grad_clip = 1.0                  # global-norm clip
   o.ema_decay = 0.0                  # 0 = no EMA copy of the params
   o.grad_accum_steps = 1             # micro-batches per step (global_batch_size / this rows each); 1 = none
+  o.nan_policy = "stop"              # a step with a non-finite loss, gradient or update: "stop" (raise, never save
+                                     # it) or "skip" (keep the old state, count it in skipped_steps); both loops
+  o.max_skips_in_row = 10            # "skip" stops after this many non-finite steps in a row
 
   # -- mesh: logical axes -> devices (-1 = fill with the remaining devices) --
   c.mesh = ms = ml_collections.ConfigDict()

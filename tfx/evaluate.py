@@ -17,7 +17,7 @@ import sys
 
 import jax
 
-from tfx import fs, generate, mesh as mesh_lib, restore
+from tfx import arguments, fs, generate, mesh as mesh_lib, restore
 from tfx.eval import eval_set, results, suite
 
 USAGE_ERROR = 2
@@ -55,8 +55,8 @@ def _mesh_flag(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m tfx.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = arguments.ArgumentParser(prog="python -m tfx.evaluate", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   d = suite.Options()
   p.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
   p.add_argument("--split", default=d.split, help=f"image-caption split to evaluate ({eval_set.ALT_SPLIT}: scenes "
@@ -88,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--num_heldout must be >= 0, got {args.num_heldout}")
   if args.steps and min(args.steps) < 1:
     p.error(f"--steps must be >= 1, got {min(args.steps)}")
+  if args.cfg_scales and not min(args.cfg_scales) >= 0:
+    p.error(f"--cfg_scales must be >= 0, got {min(args.cfg_scales)}")
+  if args.step is not None and args.step < 0:
+    p.error(f"--step must be >= 0, got {args.step}")
   if args.inception_weights and not os.path.isfile(args.inception_weights):
     p.error(f"--inception_weights {args.inception_weights} is not a file")
   if not fs.isdir(args.workdir):

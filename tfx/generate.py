@@ -18,23 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tfx import diffusion, mesh as mesh_lib, patching, record
+from tfx import diffusion, image_io, mesh as mesh_lib, patching, record
 
 # ---- images in and out --------------------------------------------------------------------------
 
 
-class ImageReadError(ValueError):
-  """A path that is not a readable PNG/JPEG image."""
+ImageReadError = image_io.ImageReadError  # a path that is not a readable image within the caps
 
 
 def load_image(path: str) -> np.ndarray:
-  """uint8 [H, W, 3] from an image file; raises ImageReadError in one line."""
-  from PIL import Image, UnidentifiedImageError
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"), np.uint8)
-  except (OSError, UnidentifiedImageError, ValueError) as e:
-    raise ImageReadError(f"cannot read image {path}: {e}") from None
+  """uint8 [H, W, 3] from a regular image file within image_io's byte and pixel caps;
+  raises ImageReadError in one line."""
+  return image_io.load_rgb(path)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -301,8 +296,27 @@ def _index_keys(seed: int, first_index: int, count: int):
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first_index, first_index + count))
 
 
+class PromptTooLongError(ValueError):
+  """A prompt longer than the model's context (config.seq_len positions)."""
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+  """Raises ValueError in one line for sampling settings outside their ranges."""
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0, got {top_k}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 class Generator:
-  """Text, images, captions and interleaved output from a trained model; compiles once per shape."""
+  """Text, images, captions and interleaved output from a trained model; compiles once per shape.
+
+  Prompts are bounded as in training: a text-to-image caption is cut to
+  data.max_caption_tokens, and any prompt longer than the model's context
+  (seq_len positions) raises PromptTooLongError.
+  """
 
   def __init__(self, config, model, *, tokenizer=None, autoencoder=None):
     from tfx import autoencoder as autoencoder_lib
@@ -360,6 +374,10 @@ class Generator:
     from tfx.data import examples
     return examples.image_text_example([], patches_nP, self.tokenizer, caption_first=False, bos=bos, eos=False)
 
+  def caption_ids(self, text: str) -> list[int]:
+    """A caption's token ids, cut to data.max_caption_tokens as the training pipeline cuts them."""
+    return list(self.tokenizer.encode(text))[:self.config.data.max_caption_tokens]
+
   def image_start_piece(self, caption_ids, *, bos: bool) -> dict:
     """`[BOS] caption BOI`: a prompt that asks for an image next (caption dropout's empty caption when [])."""
     from tfx.data import examples
@@ -405,6 +423,8 @@ class Generator:
     steps = d.sample_steps if steps is None else int(steps)
     cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
     sampler = d.sampler if sampler is None else sampler
+    if not cfg_scale >= 0:
+      raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if sampler not in ("ddim", "ddpm"):
       raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     diffusion.sample_timesteps(steps, d.num_timesteps)  # validates the step count
@@ -427,6 +447,10 @@ class Generator:
 
   def _prefill_prompts(self, prompts: list[dict], extra: int):
     """Left-pads and caches prompts; returns (logits of each last position, cache, lengths_B, padded length)."""
+    longest = max(len(p["tokens"]) for p in prompts)
+    if longest > self.config.seq_len:
+      raise PromptTooLongError(f"a prompt of {longest} positions is longer than the model's context "
+                               f"(seq_len {self.config.seq_len}); shorten it")
     images = max(int(p["image_ids"].max(initial=0)) for p in prompts)
     if self.config.model.encoder == "unet" and images > self.config.image.max_images_per_seq:
       raise ValueError(f"a prompt holds {images} images but the U-Net has "
@@ -477,7 +501,7 @@ class Generator:
     steps, cfg_scale, sampler = self._sampling_args(steps, cfg_scale, sampler)
 
     def run(chunk, first):
-      pieces = [self.image_start_piece(self.tokenizer.encode(p), bos=True) for p in chunk]
+      pieces = [self.image_start_piece(self.caption_ids(p), bos=True) for p in chunk]
       _, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
       keys_B = _index_keys(seed, first_index + first, len(chunk))
       x0_BnP = self.denoise_image(cache, lengths_B, Lp, 1, keys_B, steps=steps, cfg_scale=cfg_scale,
@@ -489,6 +513,7 @@ class Generator:
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               max_tokens: int = 32, batch_size: int = 16, progress=None) -> list[str]:
     """One caption per image (uint8 [H, W, 3] of any size, or a path): `BOS BOI patches EOI`, then text."""
+    check_sampling(temperature, top_k, top_p)
     def run(chunk, first):
       pieces = [self.image_piece(p, bos=True) for p in self.image_patches(chunk)]
       return self._continue(pieces, jax.random.fold_in(jax.random.PRNGKey(seed), first), temperature, top_k,
@@ -498,6 +523,7 @@ class Generator:
   def complete(self, prompts: list[str], *, seed: int = 0, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, max_tokens: int = 64, batch_size: int = 16) -> list[str]:
     """Text continuations of text prompts (no images), to EOS or `max_tokens`."""
+    check_sampling(temperature, top_k, top_p)
     def run(chunk, first):
       return self._continue([self.text_piece(p, bos=True) for p in chunk],
                             jax.random.fold_in(jax.random.PRNGKey(seed), first), temperature, top_k, top_p,
@@ -520,6 +546,7 @@ class Generator:
     `image_next` forces) is followed by a denoised image, up to `max_images`.
     Returns the new segments in order: str for text, uint8 [H, W, 3] for images.
     """
+    check_sampling(temperature, top_k, top_p)
     pieces = []
     for item in prompt:
       if isinstance(item, str):

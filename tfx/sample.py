@@ -14,13 +14,15 @@ import time
 
 import numpy as np
 
+from tfx import arguments
+
 USAGE_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """Parses and checks the flags; misuse exits with code 2 and a one-line message."""
-  p = argparse.ArgumentParser(prog="python -m tfx.sample", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = arguments.ArgumentParser(prog="python -m tfx.sample", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints)")
   mode = p.add_mutually_exclusive_group(required=True)
   mode.add_argument("--prompt", help="one caption to draw --num images for")
@@ -50,8 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   if args.steps is not None and args.steps < 1:
     p.error(f"--steps must be >= 1, got {args.steps}")
-  if args.temperature < 0:
+  if not args.temperature >= 0:
     p.error(f"--temperature must be >= 0, got {args.temperature}")
+  if args.cfg_scale is not None and not args.cfg_scale >= 0:
+    p.error(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
+  if args.step is not None and args.step < 0:
+    p.error(f"--step must be >= 0, got {args.step}")
   return args
 
 
@@ -106,6 +112,10 @@ def _log(msg: str) -> None:
 def _text_to_image(gen, prompts: list[str], args, out: str, manifest: bool) -> None:
   from tfx import generate
   names = _output_names(len(prompts), manifest)
+  limit = gen.config.data.max_caption_tokens
+  cut = sum(len(gen.tokenizer.encode(p)) > limit for p in prompts)
+  if cut:
+    _log(f"{cut} prompt(s) cut to data.max_caption_tokens={limit} tokens, as training cuts captions")
   start = time.time()
   progress = lambda done, total: _log(f"images {done}/{total}  ({time.time() - start:.1f}s)")
   images = gen.text_to_image(prompts, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale,
@@ -163,14 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
       if args.steps is not None and args.steps > config.diffusion.num_timesteps:
         raise UsageError(f"--steps {args.steps} exceeds the {config.diffusion.num_timesteps} training timesteps")
+      if args.image and args.max_tokens > config.seq_len:
+        raise UsageError(f"--max_tokens {args.max_tokens} exceeds the model's context (seq_len {config.seq_len})")
       try:
         gen = generate.Generator(config, model)
       except (autoencoder.AutoencoderError, FileNotFoundError) as e:
         raise UsageError(f"cannot set up generation for {args.workdir}: {e}") from None
-      if args.image:
-        _caption(gen, args.image, images, args)
-      else:
-        _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
+      try:
+        if args.image:
+          _caption(gen, args.image, images, args)
+        else:
+          _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
+      except generate.PromptTooLongError as e:
+        raise UsageError(str(e)) from None
   except UsageError as e:
     print(f"tfx.sample: error: {e}", file=sys.stderr)
     return USAGE_ERROR

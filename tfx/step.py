@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tfx import losses, mesh, optim
+from tfx import loop, losses, mesh, optim
 from tfx.state import TrainState
 
 
@@ -40,11 +40,15 @@ def train_step_fn(config, graphdef, tx: optax.GradientTransformation,
   and image counts (losses.accumulation_inputs; loss_fn then gets noise= and totals=),
   so the micro-batch losses and gradients sum to the whole batch's: the same update and
   metrics as one step at batch B, holding the activations of B/N rows at a time.
+
+  metrics["finite"] (1.0 / 0.0) says the loss, the gradients and the *new* params and optimizer
+  state are all finite; with optim.nan_policy "skip" a step that is not keeps its old state.
   """
   loss_fn = loss_fn or losses.transfusion_loss
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
   ema_decay = float(config.optim.ema_decay)
   accum = int(config.optim.grad_accum_steps)
+  skip = config.optim.nan_policy == "skip"
 
   def grads_and_metrics(state: TrainState, batch: dict, rng):
     def value_and_grad(params, batch, **kw):
@@ -76,8 +80,14 @@ def train_step_fn(config, graphdef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = None if state.ema is None else optim.ema_update(state.ema, params, ema_decay)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   lr=jnp.asarray(schedule(state.step), jnp.float32))
+    grad_norm = optax.tree.norm(grads)
+    # after the update too: a finite loss and gradient can still give non-finite params or moments
+    finite = loop.all_finite((metrics["loss"], grad_norm, params, opt_state))
+    if skip:
+      params, opt_state, ema = loop.keep_if_finite(finite, (params, opt_state, ema),
+                                                   (state.params, state.opt_state, state.ema))
+    metrics = dict(metrics, grad_norm=grad_norm, lr=jnp.asarray(schedule(state.step), jnp.float32),
+                   finite=finite.astype(jnp.float32))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     return new_state, metrics
 

@@ -9,9 +9,11 @@ when the data is shapes) and writes WORKDIR/autoencoder.json, which
 `tfx.autoencoder.load` (kind "vae", path W) needs besides the checkpoint.
 """
 import functools
+import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
@@ -19,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tfx import checkpoint, fs
+from tfx import checkpoint, fs, loop
 from tfx import mesh as mesh_lib
 from tfx import metrics as metrics_lib
 from tfx.autoencoder import AutoencoderError, cli, quality, vae
@@ -59,8 +61,11 @@ def make_optimizer(train_steps: int, lr: float) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(graphdef, train_steps: int, lr: float, kl_weight: float):
-  """(optimizer, jitted pure (params, opt_state, images, rng) -> (params, opt_state, metrics))."""
+def make_train_step(graphdef, train_steps: int, lr: float, kl_weight: float, skip_non_finite: bool = False):
+  """(optimizer, jitted pure (params, opt_state, images, rng) -> (params, opt_state, metrics)).
+
+  metrics["finite"] flags a finite loss, gradient and update (as tfx/step.py's); with
+  `skip_non_finite` a step that is not keeps the old params and optimizer state."""
   optimizer = make_optimizer(train_steps, lr)
 
   def train_step(params, opt_state, images_BHWC, rng):
@@ -68,9 +73,14 @@ def make_train_step(graphdef, train_steps: int, lr: float, kl_weight: float):
       return vae.loss_fn(nnx.merge(graphdef, p), images_BHWC, rng, kl_weight)
 
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    finite = loop.all_finite((metrics["loss"], metrics["grad_norm"], new_params, new_opt_state))
+    metrics["finite"] = finite.astype(jnp.float32)
+    if skip_non_finite:
+      new_params, new_opt_state = loop.keep_if_finite(finite, (new_params, new_opt_state), (params, opt_state))
+    return new_params, new_opt_state, metrics
 
   return optimizer, jax.jit(train_step, donate_argnums=(0, 1))
 
@@ -114,7 +124,8 @@ def _host_params(params) -> dict:
 
 
 def run(config, workdir, *, log=print) -> dict:
-  """Trains (or resumes) the VAE in `workdir`; returns the final test metrics."""
+  """Trains (or resumes) the VAE in `workdir`; returns the final test metrics, or
+  {"preempted": True, "step": ...} after SIGTERM saved a checkpoint (as tfx/trainer.py does)."""
   c = config.autoencoder
   cfg = vae.net_config(config)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -125,8 +136,13 @@ def run(config, workdir, *, log=print) -> dict:
   local_batch = c.train_batch_size // jax.process_count()
   train, test = open_images(config, "train"), open_images(config, "test")
   graphdef, params = init_params(config, mesh)  # outside set_mesh: logical names are not mesh axes
+  try:
+    guard = loop.FiniteGuard(config.optim.nan_policy, config.optim.max_skips_in_row)
+  except ValueError as e:
+    raise AutoencoderError(str(e)) from None
   with jax.set_mesh(mesh):
-    optimizer, train_step = make_train_step(graphdef, c.train_steps, c.train_lr, c.kl_weight)
+    optimizer, train_step = make_train_step(graphdef, c.train_steps, c.train_lr, c.kl_weight,
+                                            guard.policy == "skip")
     opt_state = jax.jit(optimizer.init)(params)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -137,28 +153,46 @@ def run(config, workdir, *, log=print) -> dict:
       writer.drop_after(start)
       log(f"resumed from step {start}")
     rng = jax.random.key(config.seed)
-    t0, t_last = time.time(), time.time()
-    for step in range(start, c.train_steps):
-      rng_np = np.random.default_rng([config.seed, step, jax.process_index()])
-      images, _ = read_images(train, rng_np.integers(len(train), size=local_batch), config.image.resolution)
-      params, opt_state, metrics = train_step(params, opt_state, _global_batch(images, mesh),
-                                              jax.random.fold_in(rng, step))
-      done = step + 1
-      if done % config.log_every_steps == 0 or done == c.train_steps:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"autoencoder loss is {metrics['loss']} at step {done}")
+    t0, t_last = time.time(), [time.time()]
+    delayed = metrics_lib.DelayedFetch()  # the host logs step s-1 while the device runs step s
+
+    def handle(fetched):
+      step, metrics = fetched
+      guard.check(step, metrics)  # raises before a state from (or after) a non-finite step is saved
+      if step % max(config.log_every_steps, 1) == 0 or step == c.train_steps:
+        metrics = {k: v for k, v in metrics.items() if k != "finite"}
         now = time.time()
-        metrics["steps_per_sec"] = config.log_every_steps / max(now - t_last, 1e-9)
-        t_last = now
-        writer.write(done, metrics)
-        log(f"step {done}/{c.train_steps} loss {metrics['loss']:.4f} l2 {metrics['l2']:.5f} "
+        metrics["steps_per_sec"] = config.log_every_steps / max(now - t_last[0], 1e-9)
+        t_last[0] = now
+        if guard.policy == "skip":
+          metrics["skipped_steps"] = float(guard.take_skipped())
+        writer.write(step, metrics)
+        log(f"step {step}/{c.train_steps} loss {metrics['loss']:.4f} l2 {metrics['l2']:.5f} "
             f"kl {metrics['kl']:.3f} {metrics['steps_per_sec']:.2f} steps/s")
-      if done % config.checkpoint_every_steps == 0 or done == c.train_steps:
-        ckpt.save(done, {"params": params, "opt_state": opt_state})
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+
+    try:
+      with loop.sigterm_flag() as sigterm:
+        for step in range(start, c.train_steps):
+          rng_np = np.random.default_rng([config.seed, step, jax.process_index()])
+          images, _ = read_images(train, rng_np.integers(len(train), size=local_batch), config.image.resolution)
+          params, opt_state, metrics = train_step(params, opt_state, _global_batch(images, mesh),
+                                                  jax.random.fold_in(rng, step))
+          done = step + 1
+          if (fetched := delayed.push(done, metrics)):
+            handle(fetched)
+          stopping = loop.preempted(ckpt, sigterm, done)
+          every = config.checkpoint_every_steps
+          if stopping or (every and done % every == 0) or done == c.train_steps:
+            if (fetched := delayed.flush()):
+              handle(fetched)
+            ckpt.save(done, {"params": params, "opt_state": opt_state})
+          if stopping:
+            log(f"preempted (SIGTERM): saved the checkpoint at step {done}; stopping")
+            return {"preempted": True, "step": done, "start_step": start}
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
   train_seconds = time.time() - t0
   ae = NetAutoencoder(nnx.merge(graphdef, _host_params(params)), 1.0, 0.0)
   calib, _ = read_images(train, range(min(CALIBRATION_IMAGES, len(train))), config.image.resolution)
@@ -189,6 +223,9 @@ def main(argv) -> None:
     run(config, _WORKDIR.value)
   except (AutoencoderError, mesh_lib.MeshError, FileNotFoundError) as e:
     cli.usage_error(PROG, str(e))
+  except metrics_lib.NonFiniteLossError as e:
+    print(f"{PROG}: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

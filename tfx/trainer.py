@@ -1,8 +1,5 @@
 """The training loop: data -> state -> restore -> step / log / save, until total_steps."""
-import contextlib
-import signal
 import sys
-import threading
 import time
 from typing import Callable
 
@@ -10,6 +7,7 @@ import jax
 import numpy as np
 
 from tfx import checkpoint as ckpt_lib
+from tfx import loop
 from tfx import mesh as mesh_lib
 from tfx import metrics as metrics_lib
 from tfx import optim
@@ -81,6 +79,10 @@ def validate(config, workdir) -> jax.sharding.Mesh:
     raise ConfigError(f"micro-batches of {config.global_batch_size // accum} rows (global_batch_size "
                       f"{config.global_batch_size} / optim.grad_accum_steps {accum}) are not divisible by "
                       f"the data-parallel size {dp} (mesh data*fsdp = {dict(mesh.shape)})")
+  try:
+    loop.FiniteGuard(config.optim.nan_policy, config.optim.max_skips_in_row)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _check_workdir_writable(workdir)
   try:
     workdir_lib.check_resumable(workdir, config)
@@ -94,24 +96,6 @@ def _check_workdir_writable(workdir) -> None:
     workdir_lib.check_writable(workdir)
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
-
-
-@contextlib.contextmanager
-def _sigterm_flag():
-  """Yields an Event set on SIGTERM (preemption), so the loop can save and exit cleanly.
-
-  Multi-process runs leave SIGTERM to jax.distributed's preemption service, which
-  makes every host agree on the step to stop at (Checkpointer.reached_preemption).
-  """
-  event = threading.Event()
-  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-    yield event
-    return
-  previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-  try:
-    yield event
-  finally:
-    signal.signal(signal.SIGTERM, previous)
 
 
 def _global_batch(local: dict, shardings: dict) -> dict:
@@ -196,6 +180,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   if config.eval_every_steps or config.sample_every_steps:
     from tfx.eval.evaluator import Evaluator  # sampling needs the tokenizer and autoencoder
     evaluator = Evaluator(config)
+  guard = loop.FiniteGuard(config.optim.nan_policy, config.optim.max_skips_in_row)
   train_step = None
   last = {}
   waits = {}   # step -> seconds its next(iterator) took, until logged
@@ -203,20 +188,21 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   def handle(fetched):
     nonlocal last
     step, values = fetched
-    metrics_lib.check_finite(step, values)
-    if not np.isfinite(values.get("grad_norm", 0.0)):
-      raise metrics_lib.NonFiniteLossError(f"gradient norm is not finite at step {step}; stopping")
+    guard.check(step, values)  # raises before any save of a state from (or after) a non-finite step
+    values = {k: v for k, v in values.items() if k != "finite"}
     last = {"step": step, **values}
     if step % max(config.log_every_steps, 1) == 0 or step == stop or step == start + 1:
       # The first call only sets the clock: rates exclude the first step's compile.
       logged = [waits.pop(s) for s in sorted(waits) if s <= step]   # mean over the steps since the last log
       values = {**values, **throughput.update(step, values),
                 "data_wait_s": float(np.mean(logged)) if logged else 0.0}
+      if guard.policy == "skip":
+        values["skipped_steps"] = float(guard.take_skipped())  # since the previous logged step
       writer.write(step, values)
       progress.report(step, values)
 
   try:
-    with _sigterm_flag() as preempted:
+    with loop.sigterm_flag() as sigterm:
       for step in range(start, stop):
         t0 = time.perf_counter()
         local = next(iterator)
@@ -233,8 +219,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
         fetched = delayed.push(done, step_metrics)
         if fetched:
           handle(fetched)
-        stopping = (checkpointer.reached_preemption(done) if jax.process_count() > 1
-                    else preempted.is_set())
+        stopping = loop.preempted(checkpointer, sigterm, done)
         every = config.checkpoint_every_steps
         if done == stop or stopping or (every and done % every == 0):
           fetched = delayed.flush()  # never save a state whose step went non-finite

@@ -5,12 +5,12 @@ relative to the file), a webdataset tar shard as img2dataset writes them
 (`KEY.jpg` + `KEY.txt`), or a directory holding such files; local or a URL
 (gs://, with the tfx[gcs] extra), as is --output. Images of any size
 and mode become RGB, center-cropped and resized to --resolution. Unreadable or
-missing images and empty captions are skipped and counted. Train with
-`--config.data.image_text=DIR`.
+missing images (a local image must be a regular file), images over
+tfx.image_io's byte or pixel cap, empty captions and bad lines (not UTF-8, not a
+JSON object with string "image" and "caption") are skipped and counted; the first
+bad lines are named with their line numbers. Train with `--config.data.image_text=DIR`.
 """
-import argparse
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -21,10 +21,13 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from tfx import fs
+from tfx import arguments, fs, image_io
 from tfx.data import builders
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_NAMED_BAD_LINES = 20  # bad lines reported one by one; the rest only counted
+MAX_RESOLUTION = 4096  # --resolution cap: one stored image is 3 * R^2 bytes
+_TOO_LARGE = object()  # stands for the bytes of an image over image_io.MAX_IMAGE_BYTES (never read)
 
 
 @dataclasses.dataclass
@@ -35,19 +38,25 @@ class Counts:
   missing_images: int = 0
   empty_captions: int = 0
   bad_lines: int = 0
+  oversized_images: int = 0
+  bad_line_notes: list = dataclasses.field(default_factory=list)  # the first _NAMED_BAD_LINES, "FILE line N: why"
+
+  def bad_line(self, where: str, why: str) -> None:
+    self.bad_lines += 1
+    if len(self.bad_line_notes) < _NAMED_BAD_LINES:
+      self.bad_line_notes.append(f"{where}: {why}")
 
   def summary(self) -> str:
     return (f"prepared {self.written} pairs ({self.written - self.validation} train, "
             f"{self.validation} validation); skipped: {self.corrupt_images} corrupt images, "
             f"{self.missing_images} missing images, {self.empty_captions} empty captions, "
-            f"{self.bad_lines} bad lines")
+            f"{self.bad_lines} bad lines, {self.oversized_images} oversized images")
 
 
 def to_square_rgb(data: bytes, resolution: int) -> np.ndarray:
-  """Decoded image bytes -> uint8 [R, R, 3]: RGB, center crop, resize. Raises on corrupt data."""
-  with Image.open(io.BytesIO(data)) as im:
-    im.load()
-    rgb = im.convert("RGB")
+  """Encoded image bytes -> uint8 [R, R, 3]: RGB, center crop, resize. Raises ImageReadError
+  (ImageTooLargeError over the pixel cap) on unusable data."""
+  rgb = image_io.decode_rgb(data)
   w, h = rgb.size
   s = min(w, h)
   left, top = (w - s) // 2, (h - s) // 2
@@ -55,36 +64,58 @@ def to_square_rgb(data: bytes, resolution: int) -> np.ndarray:
   return np.asarray(rgb.resize((resolution, resolution), Image.Resampling.BICUBIC), np.uint8)
 
 
-def _jsonl_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, str]]:
+def _parse_line(raw: bytes) -> tuple[str, str]:
+  """(image, caption) of one JSON-lines row; raises ValueError saying what is wrong."""
+  try:
+    row = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError:
+    raise ValueError("not UTF-8") from None
+  except ValueError:
+    raise ValueError("not JSON") from None
+  if not isinstance(row, dict):
+    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+  for key in ("image", "caption"):
+    if key not in row:
+      raise ValueError(f"no {key!r} key")
+    if not isinstance(row[key], str):
+      raise ValueError(f"{key!r} is a {type(row[key]).__name__}, not a string")
+  return row["image"], row["caption"]
+
+
+def _jsonl_pairs(path: str, counts: Counts) -> Iterator[tuple[str, object, str]]:
+  """(key, image bytes / None when unreadable / _TOO_LARGE, caption) per good line; bad lines are counted."""
   base = os.path.dirname(os.path.abspath(path)) if fs.is_local(path) else os.path.dirname(path)
-  with fs.open(path) as f:
-    for n, line in enumerate(f):
-      if not line.strip():
+  name = os.path.basename(path)
+  with fs.open(path, "rb") as f:  # bytes: one line that is not UTF-8 must not end the file
+    for n, raw in enumerate(f, start=1):
+      if not raw.strip():
         continue
       try:
-        row = json.loads(line)
-        image, caption = row["image"], row["caption"]
-      except (ValueError, KeyError, TypeError):
-        counts.bad_lines += 1
+        image, caption = _parse_line(raw)
+      except ValueError as e:
+        counts.bad_line(f"{name} line {n}", str(e))
         continue
-      image = str(image)
       image_path = image if fs.scheme(image) else fs.join(base, os.path.expanduser(image))
       try:
-        data = fs.read_bytes(image_path)
-      except OSError:
+        data = image_io.read_bytes(image_path)
+      except image_io.ImageTooLargeError:
+        data = _TOO_LARGE
+      except image_io.ImageReadError:
         data = None
-      yield f"{os.path.basename(path)}:{n}", data, str(caption)
+      yield f"{name}:{n - 1}", data, caption
 
 
-def _tar_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, str]]:
+def _tar_pairs(path: str, counts: Counts) -> Iterator[tuple[str, object, str]]:
   """(key, image bytes, caption) per KEY of a webdataset shard, streamed (a sample's files are adjacent)."""
   def emit(key, files):
     image = next((files[e] for e in _IMAGE_EXTS if e in files), None)
     if ".txt" not in files:
       if image is not None:
-        counts.bad_lines += 1    # an image without a caption file
+        counts.bad_line(f"{os.path.basename(path)} member {key}", "an image without a .txt caption")
       return None
-    return f"{os.path.basename(path)}:{key}", image, files[".txt"].decode("utf-8", errors="replace")
+    caption = files[".txt"]
+    caption = "" if caption is _TOO_LARGE else caption.decode("utf-8", errors="replace")
+    return f"{os.path.basename(path)}:{key}", image, caption
 
   key, files = None, {}
   try:
@@ -99,7 +130,9 @@ def _tar_pairs(path: str, counts: Counts) -> Iterator[tuple[str, bytes | None, s
           files = {}
         key = k
         if ext.lower() in _IMAGE_EXTS + (".txt",):
-          files[ext.lower()] = tar.extractfile(member).read()
+          # an oversized member is not read; the stream skips past it
+          files[ext.lower()] = (_TOO_LARGE if member.size > image_io.MAX_IMAGE_BYTES
+                                else tar.extractfile(member).read())
   except (tarfile.TarError, OSError) as e:
     print(f"tfx.data.prepare: stopped reading tar {path}: {e}", file=sys.stderr)
   if key is not None and (pair := emit(key, files)) is not None:
@@ -130,10 +163,14 @@ def examples(path: str, resolution: int, validation_fraction: float, counts: Cou
         reason = "empty_captions"
       elif data is None:
         reason = "missing_images"
+      elif data is _TOO_LARGE:
+        reason = "oversized_images"
       else:
         try:
           image = to_square_rgb(data, resolution)
-        except Exception:  # PIL raises many types for corrupt data
+        except image_io.ImageTooLargeError:
+          reason = "oversized_images"
+        except image_io.ImageReadError:
           reason = "corrupt_images"
       if tally:
         if reason:
@@ -168,14 +205,14 @@ def prepare(input_path: str, output_dir: str, resolution: int, validation_fracti
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m tfx.data.prepare", description=__doc__.splitlines()[0])
+  p = arguments.ArgumentParser(prog="python -m tfx.data.prepare", description=__doc__.splitlines()[0])
   p.add_argument("--input", required=True, help="JSON-lines file, webdataset .tar, or a directory of them")
   p.add_argument("--output", required=True, help="new (or empty) directory for the dataset")
   p.add_argument("--resolution", type=int, default=256, help="side of the stored square images")
   p.add_argument("--validation_fraction", type=float, default=0.0, help="share of pairs held out as validation")
   args = p.parse_args(argv)
-  if args.resolution < 8:
-    p.error(f"--resolution must be >= 8, got {args.resolution}")
+  if not 8 <= args.resolution <= MAX_RESOLUTION:
+    p.error(f"--resolution must be in [8, {MAX_RESOLUTION}], got {args.resolution}")
   if not 0.0 <= args.validation_fraction < 1.0:
     p.error(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
   try:
@@ -183,6 +220,11 @@ def main(argv=None) -> int:
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"tfx.data.prepare: error: {e}", file=sys.stderr)
     return 2
+  for note in counts.bad_line_notes:
+    print(f"tfx.data.prepare: skipped {note}", file=sys.stderr)
+  if counts.bad_lines > len(counts.bad_line_notes):
+    print(f"tfx.data.prepare: ... and {counts.bad_lines - len(counts.bad_line_notes)} more bad lines",
+          file=sys.stderr)
   print(counts.summary())
   print(f"dataset written to {args.output}; train with --config.data.image_text={args.output}")
   return 0
