@@ -139,9 +139,8 @@ def record_reader(source) -> Callable[[int], dict]:
   ~110 us read, this decoder 11 us (proto parse + one numpy copy per feature). Any other
   source, feature type or decoder setting reads through tfds.
   """
-  features = getattr(getattr(source, "dataset_info", None), "features", None)
-  raw = getattr(source, "data_source", None)
-  if features is None or raw is None or getattr(source, "decoders", None):
+  features, raw = getattr(source, "features", None), getattr(source, "raw", None)
+  if features is None or raw is None:
     return source.__getitem__
   specs = {}
   for name, f in features.items():
@@ -155,7 +154,7 @@ def record_reader(source) -> Callable[[int], dict]:
   parse = example_parser.tf_example_pb2.Example.FromString
 
   def read(i: int) -> dict:
-    feature = parse(raw[i]).features.feature
+    feature = parse(raw(i)).features.feature
     out = {}
     for name, spec in specs.items():
       f = feature[name]
