@@ -67,15 +67,21 @@ class _ImageTextToExamples:
     self.caption_first_fraction, self.caption_dropout = d.caption_first_fraction, d.caption_dropout
     self.max_caption_tokens = d.max_caption_tokens
 
-  def grid(self, ex) -> np.ndarray:
+  def patches(self, ex) -> np.ndarray:
+    """[n, P] patches of the record's image (pixels) or scaled latent."""
     if not self.use_latent:
-      return pixels_to_model(ex["image"], self.resolution)
+      return patching.patchify(pixels_to_model(ex["image"], self.resolution), self.k)
     latent = np.asarray(ex["latent"], np.float32)
     want = (self.latent_side, self.latent_side, self.latent_channels)
     if latent.shape != want:
       raise ValueError(f"cached latent has shape {latent.shape}, config expects {want} "
                        "(image.resolution // autoencoder.downsample, autoencoder.latent_channels)")
-    return (latent - self.shift) * self.scale
+    # (latent - shift) * scale, written straight in patch order: one new array, not three
+    side, k, c = self.latent_side // self.k, self.k, self.latent_channels
+    out = np.empty((side, side, k, k, c), np.float32)
+    np.subtract(latent.reshape(side, k, side, k, c).transpose(0, 2, 1, 3, 4), self.shift, out=out)
+    out *= self.scale
+    return out.reshape(side * side, k * k * c)
 
   def __call__(self, records: list, rng: np.random.Generator) -> list[dict]:
     u = rng.random((len(records), 2))
@@ -85,8 +91,8 @@ class _ImageTextToExamples:
       caption_first = bool(u_first < self.caption_first_fraction)
       if caption_first and u_drop < self.caption_dropout:
         ids = []
-      out.append(examples.image_text_example(ids, patching.patchify(self.grid(ex), self.k), self.tok,
-                                             caption_first=caption_first, compact=True))
+      out.append(examples.image_text_example(ids, self.patches(ex), self.tok, caption_first=caption_first,
+                                             compact=True))
     return out
 
 
