@@ -359,23 +359,16 @@ def test_latent_datasets_are_read_directly(tmp_path, config):
 def test_record_reader_decodes_like_tfds(tmp_path, config):
   import tensorflow_datasets as tfds
   rng = np.random.default_rng(0)
-  features = {"latent": tfds.features.Tensor(shape=(4, 4, 2), dtype=np.float32),
-              "counts": tfds.features.Tensor(shape=(3,), dtype=np.int64), "caption": tfds.features.Text()}
-  def gen(with_counts):
-    def examples():
-      for i in range(5):
-        ex = {"latent": rng.normal(size=(4, 4, 2)).astype(np.float32), "caption": f"caption {i} \u00e9"}
-        yield str(i), ex | ({"counts": rng.integers(-9, 9, 3)} if with_counts else {})
-    return examples
-  for name, with_counts in (("ints", True), ("floats", False)):   # int64 lists go through protobuf
-    f = tfds.features.FeaturesDict({k: v for k, v in features.items() if with_counts or k != "counts"})
-    builders.write_dataset(builders.ImageText, str(tmp_path / name), f, {"train": gen(with_counts)})
-  sources = {"ints": builders.open_split(str(tmp_path / "ints"), "train"),
-             "floats": builders.open_split(str(tmp_path / "floats"), "train"),
-             "text": pipeline.open_source(config, "text", "train"),
+  features = tfds.features.FeaturesDict({"latent": tfds.features.Tensor(shape=(4, 4, 2), dtype=np.float32),
+                                         "counts": tfds.features.Tensor(shape=(3,), dtype=np.int64),
+                                         "caption": tfds.features.Text()})
+  def gen():
+    for i in range(5):
+      yield str(i), {"latent": rng.normal(size=(4, 4, 2)).astype(np.float32), "counts": rng.integers(-9, 9, 3),
+                     "caption": f"caption {i} \u00e9"}
+  builders.write_dataset(builders.ImageText, str(tmp_path), features, {"train": gen})
+  sources = {"lean": builders.open_split(str(tmp_path), "train"), "text": pipeline.open_source(config, "text", "train"),
              "pixels": pipeline.open_source(config, "image_text", "validation")}
-  from tfx.data import tf_example   # the float dataset takes the lean path
-  assert tf_example.parse(sources["floats"].raw(0), {"latent": "floats", "caption": "bytes"}) is not None
   for name, src in sources.items():
     read = pipeline.record_reader(src)
     assert (read == src.__getitem__) == (name == "pixels"), name   # PNG images read through tfds
@@ -387,22 +380,6 @@ def test_record_reader_decodes_like_tfds(tmp_path, config):
         if isinstance(want[k], np.ndarray):
           assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-
-
-def test_lean_example_parser_matches_protobuf():
-  from tensorflow_datasets.core import example_parser
-  from tfx.data import tf_example
-  pb = example_parser.tf_example_pb2
-  latent = np.arange(12, dtype=np.float32) / 7
-  ex = pb.Example()
-  ex.features.feature["caption"].bytes_list.value.append("a red \u00e9".encode())
-  ex.features.feature["latent"].float_list.value.extend(latent.tolist())
-  ex.features.feature["other"].int64_list.value.extend([1, 2])
-  got = tf_example.parse(ex.SerializeToString(), {"caption": "bytes", "latent": "floats"})
-  assert got["caption"] == "a red \u00e9".encode()
-  np.testing.assert_array_equal(got["latent"], latent)
-  assert tf_example.parse(ex.SerializeToString(), {"other": "floats"}) is None   # not a float list
-  assert tf_example.parse(ex.SerializeToString(), {"missing": "bytes"}) is None
 
 
 def test_multiprocess_prefetch_matches_in_process_and_resumes(config):
