@@ -46,3 +46,22 @@ def test_refuses_a_file_that_is_not_array_record(tmp_path):
   path.write_bytes(b"not an array record file" * 10)
   with pytest.raises(ValueError, match="not an ArrayRecord file"):
     array_records.ArrayRecordFile(str(path))
+
+
+def test_uncompressed_dataset_reads_like_the_compressed_one(tmp_path):
+  from tfx.data import builders
+  rng = np.random.default_rng(1)
+  rows = [(f"{i}", {"latent": rng.normal(size=(8, 8, 4)).astype(np.float32), "caption": f"pair {i}"})
+          for i in range(7)]
+  features = builders.image_text_features(latent_shape=(8, 8, 4))
+  for compress in (True, False):
+    builders.write_dataset(builders.ImageText, str(tmp_path / str(compress)), features, {"train": lambda: rows},
+                           compress=compress)
+  files = {c: next((tmp_path / str(c)).rglob("*.array_record*")) for c in (True, False)}
+  options = {c: array_record_module.ArrayRecordReader(str(f)).writer_options_string() for c, f in files.items()}
+  assert "zstd" in options[True] and "uncompressed" in options[False]
+  a, b = (builders.open_split(str(tmp_path / str(c)), "train") for c in (True, False))
+  assert len(a) == len(b) == 7
+  for i in range(7):
+    assert bytes(a.raw(i)) == bytes(b.raw(i))
+    np.testing.assert_array_equal(a[i]["latent"], b[i]["latent"])

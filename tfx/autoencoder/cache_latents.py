@@ -71,7 +71,7 @@ def cache(config, output_dir: str, *, batch_size: int = 64) -> dict[str, int]:
         LatentCache, tmp, features,
         {s: _encoded_examples(ae, src, config.image.resolution, s, batch_size, copied)
          for s, src in sources.items() if len(src)},
-        description=description)
+        description=description, compress=False)   # latents barely compress; see builders._uncompress
   return {s: len(src) for s, src in sources.items()}
 
 

@@ -7,7 +7,8 @@ and `splittable` (bool scalar array): text documents may be cut across records,
 image-caption pairs never are. A compact example (the training pipeline's) holds
 `image_patches` [N, P] (the patches of its N image positions, in order) instead
 of `patches`, so text costs no patch memory, and `num_images` (int scalar array), so packing
-need not count them. `tfx.data.packing` turns examples into records
+need not count them; a compact image-caption example also holds `patch_start`, the position of
+its first patch (its patches are one run). `tfx.data.packing` turns examples into records
 of tfx/record.py. Generation and evaluation build prompts with the same helpers.
 """
 import functools
@@ -85,7 +86,8 @@ def image_text_example(caption_ids, patches_NP: np.ndarray, tok, *, caption_firs
   tokens[caption_start:caption_start + len(caption)] = caption
   if compact:
     return {"tokens": tokens, "image_patches": patches_NP, "modality": modality, "image_ids": image_ids,
-            "noise_limited": noise_limited, "splittable": np.asarray(False), "num_images": np.asarray(int(n > 0))}
+            "noise_limited": noise_limited, "splittable": np.asarray(False), "num_images": np.asarray(int(n > 0)),
+            "patch_start": np.asarray(start)}
   patches = np.zeros((len(tokens), p), np.float32)
   patches[start:start + n] = patches_NP
   return _fields(tokens, patches, modality, image_ids, noise_limited, False)

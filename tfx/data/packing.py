@@ -94,10 +94,11 @@ def write_records(records: list[list[tuple[dict, int, int]]], seq_len: int, patc
       if images:   # image ids count on through the record; patches go to image positions only
         ids = ex["image_ids"][a:b]
         image_ids[row, s:e] = np.where(ids > 0, ids + image_offset, 0)
-        where, vectors = _patch_rows(ex, a, b)
-        if len(where) and where[-1] - where[0] + 1 == len(where):   # one run of patches: a slice
-          patches[row, s + where[0]:s + where[-1] + 1] = vectors
+        if "patch_start" in ex and (a, b) == (0, examples_lib.length(ex)):   # a whole compact pair: one run
+          first = s + int(ex["patch_start"])
+          patches[row, first:first + len(ex["image_patches"])] = ex["image_patches"]
         else:
+          where, vectors = _patch_rows(ex, a, b)
           patches[row, s + where] = vectors
         image_offset += images
       s = e
