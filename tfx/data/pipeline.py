@@ -142,12 +142,12 @@ _INT_KINDS = {np.dtype(np.int32), np.dtype(np.int64)}
 
 
 def record_reader(source) -> Callable[[int], dict]:
-  """`source[i]` as a function; for a tfds array_record split of Text and static-shape numeric
+  """`source[i]` as a function; for a split (tfx.data.builders.Split) of Text and static-shape numeric
   Tensor features (every tfx dataset but pixel images), a lean decoder of the same values.
 
   Measured at the paper shape: tfds' generic decoding took 66 us of a 32 KB latent record's
   ~110 us read, this decoder 11 us (proto parse + one numpy copy per feature). Any other
-  source, feature type or decoder setting reads through tfds.
+  source or feature type reads through tfds.
   """
   features, raw = getattr(source, "features", None), getattr(source, "raw", None)
   if features is None or raw is None:
