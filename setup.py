@@ -17,6 +17,7 @@ setup(
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.8",
+        "pyarrow",  # zstd for tfx/data/array_records.py (tensorflow-datasets requires it already)
         "sentencepiece>=0.2",
         "ml-collections>=1.0",
         "absl-py",

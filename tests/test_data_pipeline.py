@@ -180,6 +180,67 @@ def test_compact_examples_pack_like_dense_ones():
     np.testing.assert_array_equal(ex[k], want[k])
 
 
+def _reference_write_records(records, seq_len, patch_dim, pad_id):
+  """The packed batch built the plain way: concatenate each record's pieces, then fill the fields."""
+  out = record.zeros(seq_len, patch_dim, (len(records),))
+  out["tokens"][:] = pad_id
+  out["lm_targets"][:] = pad_id
+  for row, pieces in enumerate(records):
+    if not pieces:
+      continue
+    dense = []
+    for ex, a, b in pieces:
+      full = np.zeros((examples.length(ex), patch_dim), np.float32)
+      if "patches" in ex:
+        full = ex["patches"]
+      else:
+        full[ex["modality"] == record.IMAGE] = ex["image_patches"]
+      dense.append({k: ex[k][a:b] for k in ("tokens", "modality", "noise_limited", "image_ids")} | {"patches": full[a:b]})
+    n = sum(len(d["tokens"]) for d in dense)
+    for k in ("tokens", "modality", "noise_limited", "patches"):
+      out[k][row, :n] = np.concatenate([d[k] for d in dense])
+    offset, start = 0, 0
+    for seg, d in enumerate(dense, 1):
+      m = len(d["tokens"])
+      out["segment_ids"][row, start:start + m] = seg
+      out["positions"][row, start:start + m] = np.arange(m)
+      out["image_ids"][row, start:start + m] = np.where(d["image_ids"] > 0, d["image_ids"] + offset, 0)
+      offset += int(d["image_ids"].max()) if m else 0
+      start += m
+    for i in range(n - 1):
+      if out["segment_ids"][row, i] == out["segment_ids"][row, i + 1]:
+        out["lm_targets"][row, i] = out["tokens"][row, i + 1]
+        out["lm_mask"][row, i] = out["modality"][row, i] == out["modality"][row, i + 1] == record.TEXT
+  return out
+
+
+def test_write_records_matches_a_plain_reference():
+  """Pieces of dense and compact examples, whole and cut, several images a record, empty records."""
+  rng = np.random.default_rng(5)
+  dense = _random_examples(rng, 80, 4)
+  compact = [examples.image_text_example(e["tokens"][2:5], e["patches"][e["modality"] == record.IMAGE], TOK,
+                                         caption_first=bool(i % 2), compact=True)
+             if not e["splittable"] else examples.text_example(e["tokens"][1:-1], TOK, P, compact=True)
+             for i, e in enumerate(dense)]
+  exs = dense + compact
+  records = []
+  for r in range(12):
+    pieces = []
+    for j in rng.choice(len(exs), rng.integers(0, 5), replace=False):
+      ex = exs[j]
+      n = examples.length(ex)
+      a, b = (0, n) if not ex["splittable"] else sorted(rng.integers(0, n + 1, 2))
+      if b > a:
+        pieces.append((ex, int(a), int(b)))
+    records.append(pieces if sum(b - a for _, a, b in pieces) <= 96 else pieces[:1])
+  got = packing.write_records(records, 96, P, TOK.pad_id)
+  want = _reference_write_records(records, 96, P, TOK.pad_id)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert (got["image_ids"].max(axis=1) >= 2).any() and not got["segment_ids"].all(axis=1).all()
+
+
 def test_packing_state_restores_at_every_record():
   exs = _random_examples(np.random.default_rng(1), 60, 16)
   texts = [e for e in exs if e["splittable"]]

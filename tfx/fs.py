@@ -111,6 +111,18 @@ def read_bytes(path) -> bytes:
     return f.read()
 
 
+def size(path) -> int:
+  fs, p = _fs(path)
+  return int(fs.size(p))
+
+
+def read_range(path, start: int, length: int) -> bytes:
+  """`length` bytes from `start`: one ranged read, no file object (whose read-ahead, 5 MB blocks
+  on gcsfs, would fetch far more than a random-access reader asks for)."""
+  fs, p = _fs(path)
+  return fs.cat_file(p, start=start, end=start + length)
+
+
 def write_bytes(path, data: bytes) -> None:
   """Replaces the file whole: readers see the old or the new content, never a part.
 

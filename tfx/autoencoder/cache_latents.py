@@ -59,7 +59,7 @@ def cache(config, output_dir: str, *, batch_size: int = 64) -> dict[str, int]:
   ae = autoencoder_lib.load(config)
   side = ae.latent_side(config.image.resolution)
   copied = tuple(k for k in _PASSTHROUGH if k in names)
-  splits = list(tfds.builder_from_directory(builders.find_dataset_dir(source_dir)).info.splits)
+  splits = list(builders.dataset_info(source_dir).splits)
   sources = {s: builders.open_split(source_dir, s) for s in splits}
   features = builders.image_text_features(latent_shape=(side, side, ae.latent_channels),
                                           with_spec="spec" in copied)
@@ -71,7 +71,7 @@ def cache(config, output_dir: str, *, batch_size: int = 64) -> dict[str, int]:
         LatentCache, tmp, features,
         {s: _encoded_examples(ae, src, config.image.resolution, s, batch_size, copied)
          for s, src in sources.items() if len(src)},
-        description=description)
+        description=description, compress=False)   # latents barely compress; see builders._uncompress
   return {s: len(src) for s, src in sources.items()}
 
 

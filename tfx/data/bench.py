@@ -49,8 +49,10 @@ def _words(rng: np.random.Generator, n: int) -> list[str]:
   return ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(n)]
 
 
-def write_paper_data(root: str, *, images: int, documents: int, seed: int = 0) -> dict[str, str]:
-  """A latent image-caption dataset, a text dataset and a tokenizer under `root`; their paths."""
+def write_paper_data(root: str, *, images: int, documents: int, seed: int = 0,
+                     compress: bool = False) -> dict[str, str]:
+  """A latent image-caption dataset (uncompressed, as tfx.autoencoder.cache_latents writes it, unless
+  `compress`), a text dataset and a tokenizer under `root`; their paths."""
   rng = np.random.default_rng(seed)
   vocab = _words(rng, 3000)
 
@@ -72,7 +74,7 @@ def write_paper_data(root: str, *, images: int, documents: int, seed: int = 0) -
   image_text = os.path.join(root, "image_text")
   text = os.path.join(root, "text")
   builders.write_dataset(builders.ImageText, image_text, builders.image_text_features(latent_shape=_LATENT),
-                         {"train": pairs})
+                         {"train": pairs}, compress=compress)
   builders.write_dataset(builders.ImageText, text, builders.text_features(), {"train": texts})
   tok = os.path.join(root, "tokenizer.model")
   with open(tok, "wb") as f:
@@ -89,6 +91,8 @@ def paper_config(paths: dict[str, str], rows: int):
   n = (_LATENT[0] // 2) ** 2
   c.image.max_images_per_seq = c.seq_len // (n + 2)
   c.autoencoder.kind, c.autoencoder.latent_channels, c.autoencoder.downsample = "vae", _LATENT[2], 8
+  # a real VAE's latent shift and scale (Flux's), so the pipeline pays for the latent transform
+  c.autoencoder.shift_factor, c.autoencoder.scaling_factor = 0.1159, 0.3611
   c.data.image_text, c.data.text, c.data.tokenizer = paths["image_text"], paths["text"], paths["tokenizer"]
   # experiments/transfusion.py's 1:1 text:image positions with 32-token captions
   c.data.image_text_weight = round((n + 2 + 32) / (2 * n), 4)
@@ -137,6 +141,8 @@ def main(argv=None) -> int:
                  help="shapes train images (a smaller set builds faster)")
   p.add_argument("--paper_rows", type=int, default=16, help="records per batch at the paper shape")
   p.add_argument("--paper_images", type=int, default=1000, help="latent image-caption pairs written")
+  p.add_argument("--compressed_latents", action="store_true",
+                 help="write the latents zstd-compressed (tfds' default, latent caches before uncompressed ones)")
   args = p.parse_args(argv)
   for key in ("batches", "paper_rows", "paper_images", "shapes_train_size"):
     if getattr(args, key) < 1:
@@ -161,7 +167,8 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="tfx_bench_")
     try:
       t0 = time.perf_counter()
-      paths = write_paper_data(root, images=args.paper_images, documents=max(args.paper_images // 4, 2))
+      paths = write_paper_data(root, images=args.paper_images, documents=max(args.paper_images // 4, 2),
+                               compress=args.compressed_latents)
       print(f"paper: wrote {args.paper_images} latent pairs + text in {time.perf_counter() - t0:.1f} s", flush=True)
       c = override(paper_config(paths, args.paper_rows))
       print(_report("paper", c, measure(c, batches=args.batches, seconds=args.seconds)), flush=True)

@@ -15,21 +15,23 @@ A dataset is any folder holding one tfds version directory (dataset_info.json);
 random-access source.
 
 Object stores: tfds writes array_record files on a local disk only, so a URL
-output is written locally and then uploaded (tfx.fs.upload_dir). tfds reads
-a dataset's metadata through etils.epath (gs:// with gcsfs, the tfx[gcs] extra)
-and array_record reads records from local files or gs:// (its own GCS client,
-Application Default Credentials); any other URL is refused with a clear error.
+output is written locally and then uploaded (tfx.fs.upload_dir). Reading goes
+through tfx.fs (fsspec) for any URL: the metadata files are copied to a local
+temporary folder for tfds, and tfx.data.array_records reads the records.
 """
+import bisect
 import contextlib
 import os
 import shutil
 import tempfile
 from typing import Callable, Iterable
 
+from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
 
 from tfx import fs
+from tfx.data import array_records
 
 Examples = Callable[[], Iterable[tuple[str, dict]]]
 
@@ -122,11 +124,12 @@ def new_dataset_dir(output_dir: str):
 
 def write_dataset(builder_cls: type, out_dir: str, features: tfds.features.FeaturesDict,
                   split_examples: dict[str, Examples], *, config_name: str | None = None,
-                  description: str = "") -> str:
+                  description: str = "", compress: bool = True) -> str:
   """Writes the splits as array_record files under the local folder `out_dir`; returns the version dir.
 
   Each split is a callable returning (unique key, example) pairs. tfds writes into
   a temporary directory and renames it at the end, so readers never see half a dataset.
+  `compress=False` rewrites tfds' zstd records uncompressed (for latents: see _uncompress).
   """
   tfds.disable_progress_bar()
   config = tfds.core.BuilderConfig(name=config_name) if config_name else None
@@ -144,20 +147,33 @@ def write_dataset(builder_cls: type, out_dir: str, features: tfds.features.Featu
   for root, _, _ in sorted(os.walk(downloads), reverse=True):   # tfds leaves empty dirs; nothing is downloaded
     with contextlib.suppress(OSError):
       os.rmdir(root)
+  if not compress:
+    for name in os.listdir(builder.data_dir):
+      if ".array_record" in name:
+        _uncompress(os.path.join(builder.data_dir, name))
   return os.fspath(builder.data_dir)
 
 
-def _check_readable(path: str) -> None:
-  """Raises ValueError for a URL that tfds + array_record cannot read a dataset from."""
-  if fs.scheme(path) not in ("", "gs"):
-    raise ValueError(f"cannot read dataset {path}: array_record reads records only from a local disk or gs://; "
-                     f"copy the dataset to a local disk and point there")
+def _uncompress(path: str) -> None:
+  """Rewrites an array_record file with the same records, uncompressed (tfds always writes zstd).
+
+  Why, for latent caches: float32 latents barely compress (a 32x32x8 record: 30.6 KB
+  zstd against 32.8 KB raw), and decompressing one took ~40 us of CPU, the largest
+  cost of the training pipeline at the paper shape.
+  """
+  reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+  tmp = path + ".uncompressed"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1,uncompressed")
+  for i in range(reader.num_records()):
+    writer.write(reader.read([i])[0])
+  writer.close()
+  reader.close()
+  os.replace(tmp, path)
 
 
 def find_dataset_dir(path: str) -> str:
   """The tfds version directory inside `path` (itself, or exactly one below it)."""
   path = os.path.expanduser(path)
-  _check_readable(path)
   if not fs.isdir(path):
     raise FileNotFoundError(f"dataset directory does not exist: {path}")
   found = sorted(root for root, _, files in fs.walk(path)
@@ -170,20 +186,73 @@ def find_dataset_dir(path: str) -> str:
   return found[0]
 
 
-def open_split(path: str, split: str):
+_metadata_copies: dict[str, tempfile.TemporaryDirectory] = {}
+
+
+def _builder(version_dir: str):
+  """tfds' builder for a version dir; for a URL, from a local copy of its metadata files
+  (tfds reads metadata through etils.epath, which knows gs:// but not every fsspec URL)."""
+  if fs.is_local(version_dir):
+    return tfds.builder_from_directory(version_dir)
+  if version_dir not in _metadata_copies:
+    tmp = tempfile.TemporaryDirectory(prefix="tfx_dataset_info_")
+    for name in fs.listdir(version_dir):
+      if ".array_record" not in name and not fs.isdir(fs.join(version_dir, name)):
+        with open(os.path.join(tmp.name, name), "wb") as f:
+          f.write(fs.read_bytes(fs.join(version_dir, name)))
+    _metadata_copies[version_dir] = tmp
+  return tfds.builder_from_directory(_metadata_copies[version_dir].name)
+
+
+class Split:
+  """One split of a dataset dir, local or any fsspec URL: len(s), s[i] -> dict of numpy/bytes as tfds
+  decodes it, s.raw(i) -> the serialized tf.Example, s.features (tfds FeaturesDict).
+
+  Records are read by tfx.data.array_records (through fsspec), not by array_record's own reader
+  (local files and gs:// only). Picklable, for Grain worker processes.
+  """
+
+  def __init__(self, version_dir: str, split_info, features):
+    self.features = features
+    self._files, self._skips, starts = [], [], [0]
+    for fi in split_info.file_instructions:
+      self._files.append(array_records.ArrayRecordFile(fs.join(version_dir, os.path.basename(fi.filename))))
+      self._skips.append(fi.skip)
+      starts.append(starts[-1] + fi.take)
+    self._starts = starts
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def raw(self, i: int):
+    if not 0 <= i < len(self):
+      raise IndexError(f"record {i} of a split of {len(self)}")
+    f = bisect.bisect_right(self._starts, i) - 1
+    return self._files[f][self._skips[f] + i - self._starts[f]]
+
+  def __getitem__(self, i: int) -> dict:
+    return self.features.deserialize_example_np(bytes(self.raw(int(i))))
+
+
+def open_split(path: str, split: str) -> Split:
   """A random-access source (len, [i] -> dict of numpy/bytes) for one split of a dataset dir."""
-  builder = tfds.builder_from_directory(find_dataset_dir(path))
-  if split not in builder.info.splits:
-    raise ValueError(f"dataset {path} has no split {split!r} (has {sorted(builder.info.splits)})")
-  return builder.as_data_source(split=split)
+  version_dir = find_dataset_dir(path)
+  info = _builder(version_dir).info
+  if split not in info.splits:
+    raise ValueError(f"dataset {path} has no split {split!r} (has {sorted(info.splits)})")
+  return Split(version_dir, info.splits[split], info.features)
+
+
+def dataset_info(path: str):
+  """tfds' DatasetInfo of a dataset dir (local or URL)."""
+  return _builder(find_dataset_dir(path)).info
 
 
 def split_names(path: str) -> set[str]:
   """Split names of a dataset dir."""
-  return set(tfds.builder_from_directory(find_dataset_dir(path)).info.splits)
+  return set(dataset_info(path).splits)
 
 
 def feature_names(path: str) -> set[str]:
   """Top-level feature names of a dataset dir."""
-  builder = tfds.builder_from_directory(find_dataset_dir(path))
-  return set(builder.info.features.keys())
+  return set(dataset_info(path).features.keys())

@@ -37,13 +37,20 @@ class RecordBuilder:
 
   def add(self, example, start: int = 0) -> int:
     """Adds example[start:] (as much as fits); returns how many positions were taken."""
-    stop = min(examples_lib.length(example), start + self.room)
+    length = examples_lib.length(example)
+    stop = min(length, start + self.room)
     if stop > start:   # an empty example adds no (empty) segment
       self.pieces.append((example, start, stop))
       self.used += stop - start
-      ids = example["image_ids"][start:stop]
-      self.images += int(ids.max())
+      self.images += _images_in(example, start, stop, length)
     return stop - start
+
+
+def _images_in(example, start: int, stop: int, length: int) -> int:
+  """Images (highest image id) in example[start:stop]."""
+  if "num_images" in example and (not example["num_images"] or (start, stop) == (0, length)):
+    return int(example["num_images"])
+  return int(example["image_ids"][start:stop].max())
 
 
 def _patch_rows(example, start: int, stop: int):
@@ -62,33 +69,43 @@ def _patch_rows(example, start: int, stop: int):
 
 def write_records(records: list[list[tuple[dict, int, int]]], seq_len: int, patch_dim: int,
                   pad_id: int) -> dict[str, np.ndarray]:
-  """Pieces (example, start, stop) of each record -> a padded batch [len(records), seq_len] (tfx/record.py)."""
+  """Pieces (example, start, stop) of each record -> a padded batch [len(records), seq_len] (tfx/record.py).
+
+  Each piece is written in place into the preallocated batch (slices, no per-record concatenation
+  or repeat): the writer was ~15% of the pipeline's time at the paper shape.
+  """
   out = record.zeros(seq_len, patch_dim, (len(records),))
-  out["tokens"][:] = pad_id
+  tokens, modality, noise, segment_ids, positions, image_ids, patches = (
+      out[k] for k in ("tokens", "modality", "noise_limited", "segment_ids", "positions", "image_ids", "patches"))
+  tokens[:] = pad_id
+  arange = np.arange(seq_len, dtype=np.int32)
   for row, pieces in enumerate(records):
-    if not pieces:
-      continue
-    lengths = np.asarray([b - a for _, a, b in pieces])
-    used = int(lengths.sum())
-    for k in ("tokens", "modality", "noise_limited"):
-      out[k][row, :used] = np.concatenate([ex[k][a:b] for ex, a, b in pieces])
-    out["segment_ids"][row, :used] = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
-    starts = np.cumsum(lengths) - lengths
-    out["positions"][row, :used] = np.arange(used, dtype=np.int32) - np.repeat(starts, lengths)
-    image_offset = 0
-    for (ex, a, b), start in zip(pieces, starts):
-      ids = ex["image_ids"][a:b]
-      images = int(ids.max())
+    s, image_offset = 0, 0
+    for segment, (ex, a, b) in enumerate(pieces, 1):
+      e = s + b - a
+      tokens[row, s:e] = ex["tokens"][a:b]
+      segment_ids[row, s:e] = segment
+      positions[row, s:e] = arange[:b - a]
+      images = _images_in(ex, a, b, examples_lib.length(ex))
+      # a compact text example (no image patches) is all text: its modality and noise_limited are zeros
+      if "patches" in ex or len(ex["image_patches"]):
+        modality[row, s:e] = ex["modality"][a:b]
+        noise[row, s:e] = ex["noise_limited"][a:b]
       if images:   # image ids count on through the record; patches go to image positions only
-        out["image_ids"][row, start:start + b - a] = np.where(ids > 0, ids + image_offset, 0)
-        where, vectors = _patch_rows(ex, a, b)
-        out["patches"][row, start + where] = vectors
+        ids = ex["image_ids"][a:b]
+        image_ids[row, s:e] = np.where(ids > 0, ids + image_offset, 0)
+        if "patch_start" in ex and (a, b) == (0, examples_lib.length(ex)):   # a whole compact pair: one run
+          first = s + int(ex["patch_start"])
+          patches[row, first:first + len(ex["image_patches"])] = ex["image_patches"]
+        else:
+          where, vectors = _patch_rows(ex, a, b)
+          patches[row, s + where] = vectors
         image_offset += images
-  seg, mod, tok = out["segment_ids"], out["modality"], out["tokens"]
-  same_next = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)
+      s = e
+  same_next = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] != 0)
   out["lm_targets"][:] = pad_id
-  out["lm_targets"][:, :-1] = np.where(same_next, tok[:, 1:], pad_id)
-  learn = same_next & (mod[:, :-1] == record.TEXT) & (mod[:, 1:] == record.TEXT)
+  out["lm_targets"][:, :-1] = np.where(same_next, tokens[:, 1:], pad_id)
+  learn = same_next & (modality[:, :-1] == record.TEXT) & (modality[:, 1:] == record.TEXT)
   out["lm_mask"][:, :-1] = learn
   return out
 
