@@ -5,7 +5,8 @@ reference), a PNG grid of the first 24 generated images beside it (prompts liste
 JSON), TensorBoard scalars under WORKDIR/tensorboard (tag eval/<metric>), and prints a
 short table. Sweeps: several --cfg_scales and/or --steps evaluate text-to-image once per
 combination. --mesh shards the params over a device mesh as in training (a checkpoint
-too large for one device).
+too large for one device). With --coordinator_address/--num_processes/--process_id (as
+tfx.train) several processes run it as one program; only process 0 writes or prints.
 """
 import argparse
 import contextlib
@@ -14,7 +15,7 @@ import sys
 
 import jax
 
-from tfx import fs, mesh as mesh_lib, restore
+from tfx import distributed, fs, mesh as mesh_lib, restore
 from tfx.eval import results, suite
 
 USAGE_ERROR = 2
@@ -73,8 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--inception_weights", default="", help="FID Inception .safetensors/.npz; adds fd_inception")
   p.add_argument("--mesh", type=_mesh_flag, default=None, metavar="AXIS=SIZE,...",
                  help="device mesh over data/fsdp/tensor, e.g. fsdp=8 (axes not named are 1, one may be -1 = "
-                      "the rest), params sharded as in training; default: the first device only")
+                      "the rest), params sharded as in training; default: the first device only, or fsdp "
+                      "over every device of several processes")
+  distributed.add_argparse_flags(p)
   args = p.parse_args(argv)
+  try:
+    distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id)
+  except distributed.DistributedError as e:
+    p.error(str(e))
   for name in ("num", "batch_size", "caption_tokens", "text_records"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -113,8 +120,9 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   try:
-    mesh = None if args.mesh is None else mesh_lib.make_mesh(args.mesh)
+    mesh = restore.cli_mesh(args.mesh)
   except mesh_lib.MeshError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
@@ -138,11 +146,14 @@ def _evaluate(args, mesh) -> int:
       text_records=args.text_records, inception=args.inception_weights,
       shapesnet=args.shapesnet or fs.join(args.workdir, results.EVAL_SUBDIR,
                                           f"shapesnet_{config.image.resolution}px.npz"))
-  try:
+  chief = distributed.is_chief()
+  try:  # every process computes; process 0 logs and writes
     result = suite.run(config, model, options)
   except ValueError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
+  if not chief:
+    return 0
   path = results.write(args.workdir, step, result, options)
   held = sum(p.held_out for p in result.pairs.prompts)
   print(f"step {step}: {len(result.pairs) - held} {args.split} pairs (rates below), {held} held-out "
