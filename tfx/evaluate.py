@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   try:
     distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id)
   except distributed.DistributedError as e:
-    p.error(str(e))
+    p.exit(USAGE_ERROR, f"tfx.evaluate: error: {e}\n")  # one line, as tfx.train says it
   for name in ("num", "batch_size", "caption_tokens", "text_records"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")

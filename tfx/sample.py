@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   try:
     distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id)
   except distributed.DistributedError as e:
-    p.error(str(e))
+    p.exit(USAGE_ERROR, f"tfx.sample: error: {e}\n")  # one line, as tfx.train says it
   if args.prompt is not None and not args.prompt.strip():
     p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
   if args.image is None and not args.out:
