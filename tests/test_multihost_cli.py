@@ -6,6 +6,7 @@ launched together, each pair with the process flags `tfx.train` takes.
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from tfx.eval import shapesnet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MESH = "data=2,fsdp=2,tensor=2"  # the 2-process image run names it; the others use the default (fsdp=8)
-EVAL_ARGS = ["--num", "3", "--num_heldout", "0", "--steps", "2", "--caption_tokens", "4", "--text_records", "2",
-             "--batch_size", "4"]
+EVAL_ARGS = ["--num", "3", "--num_heldout", "0", "--steps", "2", "--cfg_scales", "1", "--caption_tokens", "4",
+             "--text_records", "2", "--batch_size", "4"]  # no guidance here: tfx.sample covers it
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +85,26 @@ def _png(path) -> np.ndarray:
 
 def test_two_processes_sample_and_evaluate_like_one_process(workdir, shapesnet_path, tmp_path, capsys):
   one, two = tmp_path / "one", tmp_path / "two"
-  t2i = ["--workdir", workdir, "--prompt", "a red circle", "--num", "4", "--steps", "2", "--batch_size", "4"]
-  assert sample.main([*t2i, "--out", str(one), "--mesh", MESH]) == 0
-  pngs = [str(one / f"{i:05d}.png") for i in range(4)]
+  pngs = []
+  for i, spec in enumerate(shapes.sample_spec(np.random.default_rng(0)) for _ in range(4)):
+    pngs.append(str(tmp_path / f"in{i}.png"))
+    Image.fromarray(shapes.render(spec)).save(pngs[-1])
+  t2i = ["--workdir", workdir, "--prompt", "a red circle", "--num", "4", "--steps", "2", "--batch_size", "4",
+         "--mesh", MESH]
   caption = ["--workdir", workdir, "--image", *pngs, "--max_tokens", "5", "--batch_size", "4"]
-  assert sample.main([*caption, "--mesh", "fsdp=8"]) == 0
-  want_captions = _json_lines(capsys.readouterr().out)
-  assert evaluate.main(["--workdir", workdir, *EVAL_ARGS, "--shapesnet", shapesnet_path, "--mesh", "fsdp=8"]) == 0
-  capsys.readouterr()
-  eval_dir = pathlib.Path(workdir, "eval")
-  want_eval = json.loads((eval_dir / "2.json").read_text())
-
-  pairs = {"t2i": _launch_pair("tfx.sample", [*t2i, "--out", two, "--mesh", MESH]),
+  reference = str(tmp_path / "reference_run")  # the one-process evaluation writes beside a copy
+  shutil.copytree(workdir, reference)
+  # the 2-process runs first (they wait on each other's collectives), then the references here meanwhile
+  pairs = {"t2i": _launch_pair("tfx.sample", [*t2i, "--out", two]),
            "caption": _launch_pair("tfx.sample", caption),
            "eval": _launch_pair("tfx.evaluate", ["--workdir", workdir, *EVAL_ARGS, "--shapesnet", shapesnet_path]),
            "too_big": _launch_pair("tfx.sample", [*caption, "--mesh", "fsdp=16"])}
+  assert sample.main([*t2i, "--out", str(one)]) == 0
+  assert sample.main([*caption, "--mesh", "fsdp=8"]) == 0
+  want_captions = _json_lines(capsys.readouterr().out)
+  assert evaluate.main(["--workdir", reference, *EVAL_ARGS, "--shapesnet", shapesnet_path, "--mesh", "fsdp=8"]) == 0
+  capsys.readouterr()
+  want_eval = json.loads(pathlib.Path(reference, "eval", "2.json").read_text())
   done = {name: _finish(pair) for name, pair in pairs.items()}
   for name in ("t2i", "caption", "eval"):
     for code, _, err in done[name]:
@@ -112,9 +118,10 @@ def test_two_processes_sample_and_evaluate_like_one_process(workdir, shapesnet_p
   (_, out0, _), (_, out1, _) = done["caption"]
   assert _json_lines(out0) == want_captions and any(c["caption"] for c in want_captions)
   assert _json_lines(out1) == [] and "caption" not in out1
-  # one evaluation record beside the reference's, with the same captions and scores
-  assert sorted(os.listdir(eval_dir)) == ["2-1.json", "2-1.png", "2.json", "2.png"]
-  got_eval = json.loads((eval_dir / "2-1.json").read_text())
+  # one evaluation record, with the same captions and scores
+  eval_dir = pathlib.Path(workdir, "eval")
+  assert sorted(os.listdir(eval_dir)) == ["2.json", "2.png"]
+  got_eval = json.loads((eval_dir / "2.json").read_text())
   assert got_eval["captions"] == want_eval["captions"]
   assert set(got_eval["metrics"]) == set(want_eval["metrics"])
   for key, value in want_eval["metrics"].items():
@@ -131,21 +138,21 @@ def test_process_flags_go_together():
   distributed.check_flags(None, None, None)
   distributed.check_flags("h:1", 2, 0)
   for flags, message in (((None, 2, None), "--num_processes needs --coordinator_address and --process_id"),
-                         (("h:1", None, 1), "--coordinator_address, --process_id needs --num_processes"),
+                         (("h:1", None, 1), "--coordinator_address and --process_id need --num_processes too"),
                          (("h:1", 0, 0), "--num_processes must be >= 1"),
                          (("h:1", 2, 2), r"--process_id must be in \[0, 2\)")):
     with pytest.raises(distributed.DistributedError, match=message):
       distributed.check_flags(*flags)
 
 
-@pytest.mark.parametrize("module", ["tfx.train", "tfx.sample", "tfx.evaluate"])
-def test_bad_process_flags_exit_2_with_one_line(module, tmp_path):
-  args = {"tfx.train": ["--config=experiments/shapes.py:tiny"], "tfx.sample": ["--prompt=a", f"--out={tmp_path}"],
-          "tfx.evaluate": []}[module]
-  proc = subprocess.run([sys.executable, "-m", module, f"--workdir={tmp_path}", *args, "--num_processes=2"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines() == [
-      f"{module}: error: --num_processes needs --coordinator_address and --process_id too "
-      "(give all three process flags or none)"], proc.stderr
+def test_bad_process_flags_exit_2_with_one_line(tmp_path, capsys):
+  message = "--num_processes needs --coordinator_address and --process_id too (give all three process flags or none)"
+  for main, args in ((sample.main, ["--prompt=a", f"--out={tmp_path}"]), (evaluate.main, [])):
+    with pytest.raises(SystemExit) as e:
+      main([f"--workdir={tmp_path}", *args, "--num_processes=2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"{main.__module__}: error: {message}"]
+  proc = subprocess.run([sys.executable, "-m", "tfx.train", f"--workdir={tmp_path}",
+                         "--config=experiments/shapes.py:tiny", "--num_processes=2"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"tfx.train: error: {message}"], proc.stderr

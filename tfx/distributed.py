@@ -26,8 +26,9 @@ def check_flags(coordinator_address: str | None, num_processes: int | None, proc
            "--process_id": process_id}
   missing = [name for name, value in given.items() if value is None or value == ""]
   if missing and len(missing) < len(given):
-    have = ", ".join(name for name in given if name not in missing)
-    raise DistributedError(f"{have} needs {' and '.join(missing)} too (give all three process flags or none)")
+    have = [name for name in given if name not in missing]
+    raise DistributedError(f"{' and '.join(have)} need{'s' if len(have) == 1 else ''} {' and '.join(missing)} "
+                           "too (give all three process flags or none)")
   if missing:
     return
   if num_processes < 1:

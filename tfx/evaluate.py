@@ -146,13 +146,12 @@ def _evaluate(args, mesh) -> int:
       text_records=args.text_records, inception=args.inception_weights,
       shapesnet=args.shapesnet or fs.join(args.workdir, results.EVAL_SUBDIR,
                                           f"shapesnet_{config.image.resolution}px.npz"))
-  chief = distributed.is_chief()
-  try:  # every process computes; process 0 logs and writes
+  try:
     result = suite.run(config, model, options)
   except ValueError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
-  if not chief:
+  if not distributed.is_chief():  # every process computed; process 0 writes and prints
     return 0
   path = results.write(args.workdir, step, result, options)
   held = sum(p.held_out for p in result.pairs.prompts)
