@@ -6,8 +6,10 @@ JSON), TensorBoard scalars under WORKDIR/tensorboard (tag eval/<metric>), and pr
 short table. For a shapes world it then evaluates the `alt` split too (scenes drawn by an
 evaluation-only renderer, tfx.data.shapes_alt; eval/<step>_alt.*, tags eval_alt/<metric>)
 and prints its column beside the first; --no_alt skips it. Sweeps: several --cfg_scales
-and/or --steps evaluate text-to-image once per combination. --mesh shards the params over a device mesh as in training (a checkpoint
-too large for one device).
+and/or --steps evaluate text-to-image once per combination. --mesh shards the params over a
+device mesh as in training (a checkpoint too large for one device). With
+--coordinator_address/--num_processes/--process_id (as tfx.train) several processes run it
+as one program; only process 0 writes or prints.
 """
 import argparse
 import contextlib
@@ -17,7 +19,7 @@ import sys
 
 import jax
 
-from tfx import arguments, fs, generate, mesh as mesh_lib, restore
+from tfx import arguments, distributed, fs, generate, mesh as mesh_lib, restore
 from tfx.eval import eval_set, results, suite
 
 USAGE_ERROR = 2
@@ -79,8 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--inception_weights", default="", help="FID Inception .safetensors/.npz; adds fd_inception")
   p.add_argument("--mesh", type=_mesh_flag, default=None, metavar="AXIS=SIZE,...",
                  help="device mesh over data/fsdp/tensor, e.g. fsdp=8 (axes not named are 1, one may be -1 = "
-                      "the rest), params sharded as in training; default: the first device only")
+                      "the rest), params sharded as in training; default: the first device only, or fsdp "
+                      "over every device of several processes")
+  distributed.add_argparse_flags(p)
   args = p.parse_args(argv)
+  try:
+    distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id)
+  except distributed.DistributedError as e:
+    p.exit(USAGE_ERROR, f"tfx.evaluate: error: {e}\n")  # one line, as tfx.train says it
   for name in ("num", "batch_size", "caption_tokens", "text_records"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -128,8 +136,9 @@ def format_table(*columns: tuple[str, dict[str, float]]) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   try:
-    mesh = None if args.mesh is None else mesh_lib.make_mesh(args.mesh)
+    mesh = restore.cli_mesh(args.mesh)
   except mesh_lib.MeshError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
@@ -162,14 +171,18 @@ def _evaluate(args, mesh) -> int:
     for split in splits:
       opts = dataclasses.replace(options, split=split)
       result = suite.run(config, model, opts, generator=gen)
+      columns.append((split, result.metrics))
+      if not distributed.is_chief():  # every process computed; process 0 writes and prints
+        continue
       paths.append(results.write(args.workdir, step, result, opts, name="" if split == args.split else split))
       held = sum(p.held_out for p in result.pairs.prompts)
       print(f"step {step}: {len(result.pairs) - held} {split} pairs (rates below), {held} held-out "
             "(held-out rows)")
-      columns.append((split, result.metrics))
   except ValueError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
+  if not distributed.is_chief():
+    return 0
   print(format_table(*columns))
   for path in paths:
     print(f"wrote {path}")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tfx import diffusion, image_io, mesh as mesh_lib, patching, record
+from tfx import diffusion, distributed, image_io, mesh as mesh_lib, patching, record
 
 # ---- images in and out --------------------------------------------------------------------------
 
@@ -400,7 +400,8 @@ class Generator:
 
   def patches_to_images(self, x0_BnP) -> np.ndarray:
     """Generated patches [B, n, P] -> uint8 images [B, H, W, 3]."""
-    grid = patching.unpatchify(jnp.asarray(x0_BnP), self.patch_size, self.channels)
+    # rows split over several processes are gathered first: every process returns all the images
+    grid = patching.unpatchify(jnp.asarray(distributed.addressable(x0_BnP)), self.patch_size, self.channels)
     if self.config.autoencoder.kind != "pixels":
       grid = self.autoencoder.decode(self.autoencoder.from_diffusion(grid))
     return to_uint8(grid)
@@ -465,7 +466,7 @@ class Generator:
     tokens_BT, steps, cache, logits_BV = self._decode(
         self.params, cache, logits_BV, jnp.asarray(next_pos_B, jnp.int32), rng, jnp.int32(limit), banned,
         stop, max_new=max_new, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-    return np.asarray(tokens_BT), int(steps), cache, logits_BV
+    return np.asarray(distributed.addressable(tokens_BT)), int(steps), cache, logits_BV
 
   def _text_until(self, ids) -> str:
     ids = list(ids)
@@ -603,7 +604,8 @@ class Generator:
       pieces = [examples.text_example(self.tokenizer.encode(t), self.tokenizer, self.patch_dim) for t in chunk]
       batch, _ = left_pad(pieces, _bucket(max(len(p["tokens"]) for p in pieces)))
       logp_BL, mask_BL = self._log_probs(self.params, batch)
-      logp_BL, mask_BL = np.asarray(logp_BL, np.float64), np.asarray(mask_BL)
+      logp_BL = np.asarray(distributed.addressable(logp_BL), np.float64)
+      mask_BL = np.asarray(distributed.addressable(mask_BL))
       return list(zip((logp_BL * mask_BL).sum(-1), mask_BL.sum(-1)))
 
     rows = self._in_batches(list(texts), batch_size, run)

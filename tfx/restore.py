@@ -32,6 +32,17 @@ def parse_mesh(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(sizes)
 
 
+def cli_mesh(mesh_config: ml_collections.ConfigDict | None) -> Mesh | None:
+  """The mesh tfx.sample / tfx.evaluate restore onto: --mesh over the devices of every process.
+
+  Without --mesh: None (the first device) in one process; with several, fsdp over all of
+  their devices, since a computation must span every process to involve them all.
+  """
+  if mesh_config is None and jax.process_count() > 1:
+    mesh_config = parse_mesh("fsdp=-1")
+  return None if mesh_config is None else mesh_lib.make_mesh(mesh_config)
+
+
 def latest_step(workdir) -> int | None:
   """The newest finished checkpoint's step in WORKDIR, or None."""
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)

@@ -4,6 +4,8 @@
   --prompts_file FILE --out DIR               PNGs + DIR/manifest.jsonl
   --image A.png [B.jpg ...]                   one JSON line {"image", "caption"} each
   --mesh fsdp=8 (or data=2,fsdp=2,tensor=2)   params sharded over a device mesh as in training
+  --coordinator_address H:P --num_processes N --process_id I   several processes as one program
+                                              (as tfx.train); only process 0 writes or prints
 """
 import argparse
 import contextlib
@@ -14,7 +16,7 @@ import time
 
 import numpy as np
 
-from tfx import arguments
+from tfx import arguments, distributed
 
 USAGE_ERROR = 2
 
@@ -41,8 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--no_ema", action="store_true", help="use raw params even if EMA params exist")
   p.add_argument("--mesh", type=_mesh_flag, default=None, metavar="AXIS=SIZE,...",
                  help="device mesh over data/fsdp/tensor (axes not named are 1, one may be -1 = the rest), "
-                      "params sharded as in training; default: the first device only")
+                      "params sharded as in training; default: the first device only, or fsdp over "
+                      "every device of several processes")
+  distributed.add_argparse_flags(p)
   args = p.parse_args(argv)
+  try:
+    distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id)
+  except distributed.DistributedError as e:
+    p.exit(USAGE_ERROR, f"tfx.sample: error: {e}\n")  # one line, as tfx.train says it
   if args.prompt is not None and not args.prompt.strip():
     p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
   if args.image is None and not args.out:
@@ -106,7 +114,8 @@ def _save_png(path: str, image_HW3: np.ndarray) -> None:
 
 
 def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+  if distributed.is_chief():
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _text_to_image(gen, prompts: list[str], args, out: str, manifest: bool) -> None:
@@ -120,8 +129,10 @@ def _text_to_image(gen, prompts: list[str], args, out: str, manifest: bool) -> N
   progress = lambda done, total: _log(f"images {done}/{total}  ({time.time() - start:.1f}s)")
   images = gen.text_to_image(prompts, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale,
                              sampler=args.sampler, batch_size=args.batch_size, progress=progress)
+  if not distributed.is_chief():
+    return
   os.makedirs(out, exist_ok=True)
-  _check_out(out, names)  # again: another process may have written there meanwhile
+  _check_out(out, names)  # again: another run may have written there meanwhile
   for name, image in zip(names, images):  # the last name (manifest or grid) is written below
     _save_png(os.path.join(out, name), image)
   if manifest:
@@ -145,6 +156,8 @@ def read_images(paths: list[str]) -> list[np.ndarray]:
 def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
   captions = gen.caption(images, seed=args.seed, temperature=args.temperature, max_tokens=args.max_tokens,
                          batch_size=args.batch_size)
+  if not distributed.is_chief():
+    return
   for path, caption in zip(paths, captions):
     print(json.dumps({"image": path, "caption": caption}), flush=True)
 
@@ -154,16 +167,26 @@ def main(argv: list[str] | None = None) -> int:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notices about read-only restores are noise here
   try:
-    # every check that needs no model runs before the (slow) checkpoint restore
+    # every check that needs no model runs before the (slow) checkpoint restore; every process
+    # reads the inputs (all run the same program), only process 0 checks --out, which it alone writes
     if args.image:
       images = read_images(args.image)
     else:
       prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
-      _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    if args.image is None:
+      refused = None
+      if distributed.is_chief():
+        try:
+          _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
+        except UsageError as e:
+          refused = e
+      if distributed.chief_says(refused is not None):
+        raise refused or UsageError(f"process 0 refused --out {args.out} (its error says why)")
     import jax
     from tfx import autoencoder, generate, mesh as mesh_lib, restore
     try:
-      mesh = None if args.mesh is None else mesh_lib.make_mesh(args.mesh)
+      mesh = restore.cli_mesh(args.mesh)
     except mesh_lib.MeshError as e:
       raise UsageError(str(e)) from None
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():

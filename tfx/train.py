@@ -1,6 +1,4 @@
 """`python -m tfx.train --config=experiments/shapes.py --workdir=W`: flags, distributed init, trainer.run()."""
-import glob
-import importlib.util
 import json
 import os
 import sys
@@ -8,13 +6,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tfx import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment file with get_config(arg); `FILE.py:ARG` passes ARG; "
     "override any key with --config.a.b=v")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, config.json and metrics go")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, distributed.FLAG_HELP["coordinator_address"])
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, distributed.FLAG_HELP["num_processes"])
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, distributed.FLAG_HELP["process_id"])
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the memory/FLOPs report as JSON and exit")
 
 
@@ -50,12 +50,6 @@ def parse_flags(argv):
     usage_error(lines[-1] if lines else "bad flags")
 
 
-def _on_cloud_tpu_vm() -> bool:
-  """libtpu installed and TPU chips attached (launch/tpu_pod.sh passes no process flags)."""
-  return (importlib.util.find_spec("libtpu") is not None
-          and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
-
-
 def main(argv) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
@@ -82,12 +76,10 @@ def main(argv) -> None:
     return
   if not _WORKDIR.value:
     usage_error("--workdir is required")
-  import jax
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif _on_cloud_tpu_vm():
-    jax.distributed.initialize()  # finds the pod's coordinator and this worker's id itself
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except distributed.DistributedError as e:
+    usage_error(str(e))
   from tfx import mesh, metrics, trainer
   try:
     result = trainer.run(config, _WORKDIR.value)

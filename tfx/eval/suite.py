@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from tfx import fs
+from tfx import distributed, fs
 from tfx.eval import captioning, eval_set, fd, perplexity, shapesnet, t2i
 
 SHAPESNET_STEPS = 1200
@@ -37,7 +37,8 @@ class Options:
 
 def _log_to_stderr(msg: str) -> None:
   import sys
-  print(msg, file=sys.stderr, flush=True)
+  if distributed.is_chief():  # several processes run the suite together: one log
+    print(msg, file=sys.stderr, flush=True)
 
 
 def sweep_suffix(cfg_scale, steps, first: bool) -> str:
@@ -107,7 +108,7 @@ def load_or_train_shapesnet(path: str, resolution: int, log: Callable = _log_to_
   net, acc = shapesnet.train(images, labels, resolution=resolution, num_classes=4, steps=SHAPESNET_STEPS,
                              seed=SHAPESNET_SEED)
   log(f"trained shapesnet ({resolution} px) in {time.time() - t0:.0f}s, train accuracy {acc:.3f}")
-  if path:
+  if path and distributed.is_chief():  # every process trained the same net (same seed): one writes it
     shapesnet.save(net, path)
   return net
 
