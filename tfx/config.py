@@ -43,6 +43,8 @@ def default() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
   m.attention = "auto"               # "dense" ([L, S] mask), "flash" (tfx/model/flash.py; Pallas interpret
                                      # mode on CPU), "auto" (dense until the kernel has run on a GPU)
+  m.image_attention = "bidirectional"  # patches of one image: "bidirectional" (see each other) or "causal"
+                                     # (only earlier patches: the paper's causal-mask ablation)
   m.remat = "none"                   # per-block remat, by what it keeps: "none" (all), "full" (nothing),
                                      # "dots" (matmul outputs), "attention" (attention outputs),
                                      # "dots_offload" (matmul outputs in host memory)

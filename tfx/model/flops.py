@@ -65,7 +65,8 @@ def report(config) -> dict:
 
   flops_per_token = 6 * (block + LM-head matmul params) + 6 * layers * seq_len * heads * head_dim:
   attention over the causal half of the L x L pairs (the work the mask leaves; an image's
-  bidirectional patches add n^2 / 2 pairs, under 1% at 4096 positions), MaxText's convention.
+  bidirectional patches add n^2 / 2 pairs, under 1% at 4096 positions), MaxText's convention;
+  so model.image_attention "causal" and "bidirectional" count the same FLOPs.
   Image tokens add `modality_flops_per_image_token` (the patch encoder/decoder or U-Net, measured).
   """
   config = presets.resolve(config)
