@@ -32,6 +32,18 @@ def parse_mesh(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(sizes)
 
 
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of WORKDIR's finished checkpoints, ascending ([] when none)."""
+  try:
+    ckpt = ckpt_lib.Checkpointer.open_existing(workdir)
+  except ckpt_lib.NoCheckpointError:
+    return []
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
 def latest_step(workdir) -> int | None:
   """The newest finished checkpoint's step in WORKDIR, or None."""
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
