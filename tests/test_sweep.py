@@ -124,18 +124,19 @@ def test_sweep_skips_the_finished_run_and_resumes_the_stopped_one(tmp_path, shap
   common = ["--config", CONFIG, "--workdir", str(tmp_path / "sweep"), "--shapesnet", shapesnet_path,
             "--set", f"data.data_dir={data_dir}", "--set", "data.shapes_train_size=200",
             "--set", "data.shapes_eval_size=40", "--set", "diffusion.sample_steps=2",
-            "--eval_num", "3", "--eval_num_heldout", "0", "--eval_text_records", "1",
+            "--set", "sample_every_steps=0", "--plot_metrics", "t2i_pass",
+            "--eval_steps", "4", "--eval_num", "3", "--eval_num_heldout", "0", "--eval_text_records", "1",
             "--eval_caption_tokens", "3", "--eval_batch_size", "3"]
   root = tmp_path / "sweep"
   with persistent_compile_cache(tmp_path / "cache"):
-    # A finished earlier (trained to 4, evaluated at its checkpoints 2 and 4) ...
+    # A finished earlier (trained to 4 and evaluated) ...
     assert sweep.main(common + ["--grid", "model.image_attention=bidirectional"]) == 0
-    assert sorted(os.listdir(root / A / "eval")) == ["2.json", "2.png", "4.json", "4.png"]
+    assert sorted(os.listdir(root / A / "eval")) == ["4.json", "4.png"]
     finished = {f: os.path.getmtime(root / A / "eval" / f) for f in os.listdir(root / A / "eval")}
     # ... B stopped at step 2, before any evaluation.
     config_b = spec.apply(spec.load_config(CONFIG), {
         "data.data_dir": data_dir, "data.shapes_train_size": 200, "data.shapes_eval_size": 40,
-        "model.image_attention": "causal", "stop_after_step": 2})
+        "model.image_attention": "causal", "stop_after_step": 2, "sample_every_steps": 0})
     trainer.run(config_b, str(root / B))
     capfd.readouterr()
 
@@ -148,14 +149,47 @@ def test_sweep_skips_the_finished_run_and_resumes_the_stopped_one(tmp_path, shap
   assert calls == [(B, 0)]  # only B trained, from its checkpoint at 2 to the end
   assert "resumed from the checkpoint at step 2" in err and f"{A}: finished before; skipped" in err
   assert {f: os.path.getmtime(root / A / "eval" / f) for f in os.listdir(root / A / "eval")} == finished
-  assert sorted(os.listdir(root / B / "eval")) == ["2.json", "2.png", "4.json", "4.png"]
+  assert sorted(os.listdir(root / B / "eval")) == ["4.json", "4.png"]
   assert json.loads(open(root / B / "config.json").read())["model"]["image_attention"] == "causal"
-  assert [r["step"] for r in json.load(open(root / "report" / "points.json"))["points"]] == [2, 4, 2, 4]
+  assert [(p["variant"], p["step"]) for p in json.load(open(root / "report" / "points.json"))["points"]] == [
+      (A, 4), (B, 4)]
   table = open(root / "report" / "README.md").read()
-  assert f"| {A} | 4 |" in table and f"| {B} | 2 |" in table and "t2i_pass" in table
+  assert f"| {A} | 4 |" in table and f"| {B} | 4 |" in table and "t2i_pass" in table
   assert os.path.getsize(root / "report" / "t2i_pass.png") > 1000
   # the report redrawn from the recorded JSON alone is the same
   os.remove(root / "report" / "README.md")
-  assert sweep.main(["--workdir", str(root), "--report_only"]) == 0
+  assert sweep.main(["--workdir", str(root), "--report_only", "--plot_metrics", "t2i_pass"]) == 0
   assert open(root / "report" / "README.md").read() == table
-  assert runner.is_finished(str(root / B), spec.apply(config_b, {"stop_after_step": 0}), [2, 4])
+  assert runner.is_finished(str(root / B), spec.apply(config_b, {"stop_after_step": 0}), [4])
+
+
+def test_run_variant_trains_to_each_evaluation_step_and_resumes(monkeypatch, tmp_path):
+  """The schedule alone (training and evaluation faked): stop at each evaluation step, evaluate it
+  there, skip what is done; a run that went past an evaluation step without it logs and moves on."""
+  ckpts, evaluated, trained = [], [], []
+
+  def train(config, workdir):
+    trained.append(config.stop_after_step)
+    ckpts.append(config.stop_after_step or config.total_steps)
+
+  def evaluate(workdir, step, options, generators):
+    evaluated.append(step)
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    open(runner.eval_path(workdir, step), "w").close()
+
+  monkeypatch.setattr(runner.restore, "checkpoint_steps", lambda wd: list(ckpts))
+  monkeypatch.setattr(runner.restore, "latest_step", lambda wd: max(ckpts, default=None))
+  monkeypatch.setattr(runner, "evaluate", evaluate)
+  config = tiny_config(total_steps=6, checkpoint_every_steps=2)
+  steps = runner.eval_steps(config, None)
+  assert steps == [2, 4, 6] and runner.eval_steps(config, [3, 9]) == [3, 6]
+  wd = str(tmp_path / "run")
+  os.makedirs(wd)
+  ckpts.append(2)  # stopped at 2 before its evaluation
+  assert runner.run_variant(config, wd, steps, None, train=train) == "ran"
+  assert trained == [4, 0] and evaluated == [2, 4, 6]
+  assert runner.run_variant(config, wd, steps, None, train=train) == "skipped"
+  assert trained == [4, 0] and evaluated == [2, 4, 6]
+  ckpts[:] = [6]  # evaluations asked for later, whose checkpoints are gone
+  assert runner.run_variant(config, wd, [3, 6], None, train=train) == "ran"
+  assert trained == [4, 0] and evaluated == [2, 4, 6]

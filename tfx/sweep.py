@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "ROOT/shapesnet_<res>px.npz, trained once if missing)")
   p.add_argument("--inception_weights", default="", help="FID Inception weights; adds fd_inception")
   p.add_argument("--metrics", type=_names, default=None, help="table columns (default: the headline metrics)")
+  p.add_argument("--plot_metrics", type=_names, default=None, help="metrics to plot (default: every one)")
   p.add_argument("--parity", type=_pair, action="append", default=[], metavar="A,B",
                  help="FLOPs B needs to match A's best, over A's (variant names or globs; repeat)")
   p.add_argument("--parity_metrics", type=_names, default=None, help="default: the table's columns")
@@ -105,8 +106,8 @@ def _recorded_names(root: str) -> list[str]:
 def _report(args, names) -> int:
   from tfx.sweeps import report
   try:
-    path = report.write(args.workdir, names, columns=args.metrics, parity_pairs=args.parity,
-                        parity_metrics=args.parity_metrics)
+    path = report.write(args.workdir, names, columns=args.metrics, plots=args.plot_metrics,
+                        parity_pairs=args.parity, parity_metrics=args.parity_metrics)
   except ValueError as e:
     print(f"tfx.sweep: error: {e}", file=sys.stderr)
     return USAGE_ERROR

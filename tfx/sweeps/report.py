@@ -182,14 +182,16 @@ def plot(points: list[Point], metric: str, path: str) -> None:
   fs.write_bytes(path, png.getvalue())
 
 
-def write(root: str, names: list[str], *, columns: list[str] | None = None,
+def write(root: str, names: list[str], *, columns: list[str] | None = None, plots: list[str] | None = None,
           parity_pairs: list[tuple[str, str]] = (), parity_metrics: list[str] | None = None) -> str:
-  """ROOT/report/: README.md (table, parity ratios, plots), <metric>.png, points.json; returns the .md path."""
+  """ROOT/report/: README.md (table, parity ratios, plots), <metric>.png (`plots`, default every
+  metric), points.json; returns the .md path."""
   points = collect(root, names)
   if not points:
     raise ValueError(f"no evaluations under {root} for {', '.join(names)}")
   present = plotted_metrics(points)
   columns = [c for c in (columns or HEADLINE) if c in present]
+  present = [m for m in present if plots is None or m in plots]
   parities = [r for a, b in parity_pairs for m in (parity_metrics or columns)
               if (r := parity(points, a, b, m)) is not None]
   out = fs.join(root, "report")

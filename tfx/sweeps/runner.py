@@ -39,10 +39,18 @@ def is_finished(workdir: str, config, steps: list[int]) -> bool:
           and restore.latest_step(workdir) == config.total_steps)
 
 
-def evaluate(workdir: str, step: int, options: suite.Options) -> str:
-  """tfx.eval.suite on WORKDIR's checkpoint at `step`; writes eval/<step>.json (+ grid, TensorBoard)."""
+def evaluate(workdir: str, step: int, options: suite.Options, generators: dict | None = None) -> str:
+  """tfx.eval.suite on WORKDIR's checkpoint at `step`; writes eval/<step>.json (+ grid, TensorBoard).
+
+  `generators` (workdir -> Generator) keeps one run's compiled sampler across its steps."""
+  from tfx import generate
   config, model = restore.restore_model(workdir, step)
-  result = suite.run(config, model, options, log=_log)
+  generators = {} if generators is None else generators
+  if workdir in generators:
+    generators[workdir].load_params(model)
+  else:
+    generators[workdir] = generate.Generator(config, model)
+  result = suite.run(config, model, options, log=_log, generator=generators[workdir])
   return results.write(workdir, step, result, options)
 
 
@@ -54,6 +62,7 @@ def run_variant(config, workdir: str, steps: list[int], options: suite.Options, 
   if train is None:
     from tfx import trainer
     train = trainer.run
+  generators = {}
   for step in steps:
     if fs.exists(eval_path(workdir, step)):
       continue
@@ -68,5 +77,5 @@ def run_variant(config, workdir: str, steps: list[int], options: suite.Options, 
       _log(f"{workdir}: no checkpoint at step {step} (kept: {have}); not evaluated there")
       continue
     _log(f"{workdir}: evaluating step {step}")
-    evaluate(workdir, step, options)
+    evaluate(workdir, step, options, generators)
   return "ran"
