@@ -24,7 +24,7 @@ def test_grid_names_types_and_bad_input():
                                 many=True)
   variants = spec.grid_variants(grid)
   assert len(variants) == 8
-  assert variants[0].name == "image_attention=bidirectional,unet_channels=8-16,loss_weight=1.0"
+  assert variants[0].name == "image_attention=bidirectional+unet_channels=8-16+loss_weight=1.0"
   assert variants[-1].overrides == {"model.image_attention": "causal", "model.unet_channels": (16, 32),
                                     "diffusion.loss_weight": 5.0}
   config = spec.apply(base, variants[-1].overrides)
@@ -33,6 +33,8 @@ def test_grid_names_types_and_bad_input():
     spec.parse_assignments(base, ["model.nope=1,2"], many=True)
   with pytest.raises(spec.SweepError, match="not a int"):
     spec.parse_assignments(base, ["total_steps=ten"], many=True)
+  with pytest.raises(spec.SweepError, match="not a directory name"):
+    spec.check_names([spec.Variant("a,b", {})])
   with pytest.raises(spec.SweepError, match="repeat"):
     spec.check_names([spec.Variant("x", {}), spec.Variant("x", {})])
 

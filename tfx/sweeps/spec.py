@@ -9,7 +9,7 @@ A sweep file is Python or JSON naming each variant's overrides (dotted keys of t
     }
 
 --grid=KEY=v1,v2 flags take the cartesian product instead; each variant is named by its
-values (`image_attention=causal,noise_limit=999`). --set=KEY=VALUE applies to every variant.
+values (`image_attention=causal+noise_limit=999`). --set=KEY=VALUE applies to every variant.
 """
 import ast
 import dataclasses
@@ -22,7 +22,7 @@ import shlex
 
 import ml_collections
 
-_NAME = re.compile(r"^[A-Za-z0-9_.=,+-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.=+-]+$")  # no ',': --parity=A,B splits names on it
 
 
 class SweepError(ValueError):
@@ -137,7 +137,7 @@ def grid_variants(grid: list[tuple[str, list]]) -> list[Variant]:
   labels = leaves if len(set(leaves)) == len(leaves) else [k for k, _ in grid]
   variants = []
   for values in itertools.product(*(vs for _, vs in grid)):
-    name = ",".join(f"{label}={_label(v)}" for label, v in zip(labels, values))
+    name = "+".join(f"{label}={_label(v)}" for label, v in zip(labels, values))
     variants.append(Variant(name, dict(zip((k for k, _ in grid), values))))
   return check_names(variants)
 
@@ -163,7 +163,7 @@ def check_names(variants: list[Variant]) -> list[Variant]:
   names = [v.name for v in variants]
   for name in names:
     if not _NAME.match(name) or name in (".", ".."):
-      raise SweepError(f"variant name {name!r} is not a directory name (letters, digits, _ . = , + -)")
+      raise SweepError(f"variant name {name!r} is not a directory name (letters, digits, _ . = + -)")
   if len(set(names)) != len(names):
     raise SweepError(f"variant names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
   return variants
