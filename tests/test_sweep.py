@@ -39,6 +39,21 @@ def test_grid_names_types_and_bad_input():
     spec.check_names([spec.Variant("x", {}), spec.Variant("x", {})])
 
 
+def test_sweep_files_python_and_json(tmp_path):
+  (tmp_path / "s.py").write_text('VARIANTS = {"linear": {"model.encoder": "linear"}, '
+                                 '"unet8": {"model.encoder": "unet", "image.patch_size": 8}}\n')
+  (tmp_path / "s.json").write_text(json.dumps({"lam1": {"diffusion.loss_weight": 1.0}}))
+  variants = spec.load_sweep_file(str(tmp_path / "s.py"))
+  assert [v.name for v in variants] == ["linear", "unet8"]
+  assert spec.apply(tiny_config(), variants[1].overrides).image.patch_size == 8
+  assert spec.load_sweep_file(str(tmp_path / "s.json"))[0].overrides == {"diffusion.loss_weight": 1.0}
+  (tmp_path / "bad.json").write_text("[1, 2]")
+  with pytest.raises(spec.SweepError, match="expected VARIANTS"):
+    spec.load_sweep_file(str(tmp_path / "bad.json"))
+  with pytest.raises(spec.SweepError, match="unknown config key"):
+    spec.apply(tiny_config(), {"model.encoderr": "unet"})
+
+
 def test_print_commands_plain_and_through_a_launcher(capsys, tmp_path):
   args = ["--config", CONFIG, "--grid", "model.image_attention=bidirectional,causal",
           "--set", "total_steps=8", "--workdir", str(tmp_path), "--print_commands"]
