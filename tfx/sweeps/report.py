@@ -165,12 +165,17 @@ def plot(points: list[Point], metric: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
   for variant in sorted({p.variant for p in points}):
     series = sorted((p.flops, p.metrics[metric]) for p in points if p.variant == variant and metric in p.metrics)
     if series:
       ax.plot([f for f, _ in series], [v for _, v in series], marker="o", label=variant)
   ax.set_xscale("log")
+  short = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.1e}")
+  ax.xaxis.set_major_formatter(short)
+  ax.xaxis.set_minor_formatter(short)  # within one decade only minor ticks are labelled
+  ax.tick_params(axis="x", which="both", labelsize=6, labelrotation=45)
   ax.set_xlabel("training FLOPs")
   ax.set_ylabel(metric + (" (lower is better)" if lower_is_better(metric) else ""))
   ax.grid(True, alpha=0.3)
