@@ -23,6 +23,7 @@ setup(
         "absl-py",
         "fsspec",  # workdir files on any filesystem (tfx/fs.py)
         "numpy",
+        "matplotlib",  # tfx.sweep's plots (Agg backend)
         "pillow",
         "safetensors",
         "tensorboardX",

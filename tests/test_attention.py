@@ -7,7 +7,7 @@ from flax import nnx
 
 import tfx.config
 import tfx.model
-from tfx import patching
+from tfx import patching, record
 from tfx.model import attention, presets
 
 from core_batches import fast_rngs, random_batch, reference_mask
@@ -106,3 +106,50 @@ def test_denoising_steps_reuse_an_uncommitted_prefix(cached_pair, split_batch):
   assert int(discarded.length) == TOTAL and int(cache.length) == CUT
   np.testing.assert_array_equal(out_a, out_b)
   assert np.abs(np.asarray(out_other) - np.asarray(out_a)).max() > 1e-4
+
+
+def test_causal_images_hide_exactly_each_patch_from_the_later_patches_of_its_image():
+  rng = np.random.default_rng(7)
+  batch = random_batch(rng, 8, L, N, P, vocab=50, max_images=3, min_segments=2)
+  seg, ids = jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["image_ids"])
+  mod = jnp.asarray(batch["modality"])
+  both = {kind: np.asarray(attention.dense_mask(seg, attention.horizon(ids, mod, kind), seg))
+          for kind in attention.IMAGE_ATTENTION}
+  hidden = 0
+  for b in range(8):
+    s, im = batch["segment_ids"][b], batch["image_ids"][b]
+    i, j = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+    later_patch_of_own_image = (im[i] > 0) & (im[i] == im[j]) & (s[i] == s[j]) & (s[i] != 0) & (j > i)
+    hidden += later_patch_of_own_image.sum()
+    np.testing.assert_array_equal(both["bidirectional"][b] & ~both["causal"][b], later_patch_of_own_image)
+    assert not (both["causal"][b] & ~both["bidirectional"][b]).any()
+    np.testing.assert_array_equal(both["causal"][b], reference_mask(s, np.zeros_like(im)))  # plain causal
+  assert hidden > 0
+  with pytest.raises(ValueError, match="image_attention"):
+    attention.horizon(ids, mod, "full")
+
+
+def test_causal_images_in_the_model_and_its_kv_cache(split_batch):
+  """A causal-image model: a patch's output ignores later patches of its image (the bidirectional
+  one does not), and prefix-then-rest through the KV cache equals the full forward."""
+  batch, t = split_batch
+  outs = {}
+  for kind in attention.IMAGE_ATTENTION:
+    model = tfx.model.build_model(_config(image_attention=kind), fast_rngs(1))
+    graphdef, params = nnx.split(model)
+    full = jax.jit(lambda p, b, t: nnx.merge(graphdef, p)(b, t)[:2])
+    mod = np.asarray(batch["modality"])
+    row, pos = np.argwhere(mod == record.IMAGE)[0]  # the first patch of the first image ...
+    later = batch["patches"].at[row, pos + 1].add(1.0)  # ... and a change to the next patch
+    a, b = full(params, batch, t)[1], full(params, dict(batch, patches=later), t)[1]
+    outs[kind] = float(jnp.abs(a[row, pos] - b[row, pos]).max())
+    if kind == "causal":
+      step = jax.jit(lambda p, b, t, c: nnx.merge(graphdef, p)(b, t, cache=c))
+      logits, patch_out = full(params, batch, t)
+      lo1, po1, cache = step(params, _slice(batch, 0, CUT), t[:, :CUT], model.init_cache(2, 64))
+      lo2, po2, _ = step(params, _slice(batch, CUT, TOTAL), t[:, CUT:], cache)
+      np.testing.assert_allclose(np.concatenate([lo1, lo2], 1), logits, atol=1e-5)
+      np.testing.assert_allclose(np.concatenate([po1, po2], 1), patch_out, atol=1e-5)
+  assert outs["causal"] == 0.0 and outs["bidirectional"] > 1e-4
+  with pytest.raises(ValueError, match="image_attention"):
+    tfx.model.build_model(_config(image_attention="full"), fast_rngs(1))

@@ -147,3 +147,19 @@ def test_model_with_flash_attention_gives_the_dense_loss_and_gradients():
   np.testing.assert_allclose(loss_f, loss_d, rtol=1e-5)
   for (path, gd), gf in zip(jax.tree_util.tree_leaves_with_path(grads_d), jax.tree.leaves(grads_f)):
     np.testing.assert_allclose(gf, gd, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_kernel_with_causal_images_matches_dense_and_walks_only_the_causal_tiles():
+  """model.image_attention="causal" is horizon[i] = i: the kernel matches the dense path on it,
+  and its block bounds are those of plain causal attention (no tile above the diagonal)."""
+  batch, segment, _ = _packing(2)
+  horizon = attention.horizon(jnp.asarray(batch["image_ids"]), jnp.asarray(batch["modality"]), "causal")
+  q, k, v, ct = _qkv(2, 3, 90, 2, 2, 16)
+  out_d, grads_d = _dense_and_grads(q, k, v, ct, segment, horizon)
+  out_f, grads_f = _flash_and_grads(q, k, v, ct, segment, horizon)
+  assert _rel(out_f, out_d) < 1e-5
+  for gf, gd in zip(grads_f, grads_d):
+    assert _rel(gf, gd) < 1e-5
+  hor = np.asarray(flash._bounds(segment, horizon)[0])
+  real = batch["segment_ids"] != 0
+  np.testing.assert_array_equal(hor[real], np.nonzero(real)[1])  # every horizon is the query's own index

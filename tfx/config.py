@@ -44,6 +44,8 @@ def default() -> ml_collections.ConfigDict:
   m.attention = "auto"               # "dense" ([L, S] mask), "flash" (tfx/model/flash.py: Triton on GPU,
                                      # Mosaic on TPU, Pallas interpret mode on CPU), "auto" (dense until
                                      # the kernels are measured on hardware)
+  m.image_attention = "bidirectional"  # patches of one image: "bidirectional" (see each other) or "causal"
+                                     # (only earlier patches: the paper's causal-mask ablation)
   m.remat = "none"                   # per-block remat, by what it keeps: "none" (all), "full" (nothing),
                                      # "dots" (matmul outputs), "attention" (attention outputs),
                                      # "dots_offload" (matmul outputs in host memory)

@@ -43,6 +43,18 @@ def cli_mesh(mesh_config: ml_collections.ConfigDict | None) -> Mesh | None:
   return None if mesh_config is None else mesh_lib.make_mesh(mesh_config)
 
 
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of WORKDIR's finished checkpoints, ascending ([] when none)."""
+  try:
+    ckpt = ckpt_lib.Checkpointer.open_existing(workdir)
+  except ckpt_lib.NoCheckpointError:
+    return []
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
 def latest_step(workdir) -> int | None:
   """The newest finished checkpoint's step in WORKDIR, or None."""
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)

@@ -108,16 +108,13 @@ def _step_flops(config) -> Callable[[dict], float] | None:
   """A step's training FLOPs from its metrics (text targets, images), or None without MFU."""
   if metrics_lib.peak_flops(jax.devices()[0]) is None:
     return None  # MFU is only reported where the device peak is known
-  from tfx import patching
   from tfx.model import flops
   try:
     report = flops.report(config)
   except RuntimeError as e:  # a missing MFU must not stop training
     print(f"tfx.train: no MFU: {e}", file=sys.stderr)
     return None
-  n = patching.num_patches(config.image.resolution // config.autoencoder.downsample, config.image.patch_size)
-  positions = config.global_batch_size * config.seq_len
-  return lambda m: flops.model_flops(report, positions, m["text_tokens"], m["images"] * n)
+  return lambda m: flops.step_flops(config, report, m)
 
 
 def _sampling_model(graphdef, state: state_lib.TrainState):

@@ -7,11 +7,14 @@ The mask, per query i and key j (indices into the sequence):
 with horizon[i] = i for a text position and the index of the last patch of
 its image for an image patch. So text is causal, the patches of one image see
 each other (and everything before the image), and nothing crosses packed
-segments or touches padding (segment 0). `model.attention` picks how it is
-computed: "dense" builds the [L, S] boolean mask; "flash" runs the kernels of
-tfx/model/flash.py, which take the two vectors and skip every tile they hide (Triton
-on a GPU, Mosaic on a TPU, the Triton kernels in Pallas interpret mode on a CPU: slow,
-exact); "auto" is dense everywhere until the kernels have been measured on hardware.
+segments or touches padding (segment 0). `model.image_attention = "causal"`
+(the paper's ablation) sets horizon[i] = i on patches too: every path below
+(dense, flash, KV cache) then gives the plain causal mask. `model.attention`
+picks how it is computed: "dense" builds the [L, S] boolean mask; "flash" runs the
+kernels of tfx/model/flash.py, which take the two vectors and skip every tile they
+hide (Triton on a GPU, Mosaic on a TPU, the Triton kernels in Pallas interpret mode
+on a CPU: slow, exact); "auto" is dense everywhere until the kernels have been
+measured on hardware.
 Generation (a KV cache) stays dense: its queries are one token or one image's
 patches against at most max_len keys, so the scores are [n, S], never [L, S].
 
@@ -69,10 +72,23 @@ def init_cache(n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, he
                  jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def horizon(image_ids_BL, modality_BL):
-  """Per-query horizon (local index): i on text, the last index of its image on a patch."""
+IMAGE_ATTENTION = ("bidirectional", "causal")
+
+
+def check_image_attention(name: str) -> str:
+  if name not in IMAGE_ATTENTION:
+    raise ValueError(f"model.image_attention must be one of {IMAGE_ATTENTION}, got {name!r}")
+  return name
+
+
+def horizon(image_ids_BL, modality_BL, image_attention: str = "bidirectional"):
+  """Per-query horizon (local index): i on text, the last index of its image on a patch
+  ("bidirectional"), or i everywhere ("causal": a patch sees only earlier patches of its image)."""
+  check_image_attention(image_attention)
   L = image_ids_BL.shape[-1]
   idx_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), image_ids_BL.shape)
+  if image_attention == "causal":
+    return idx_BL
   is_image_BL = modality_BL == record.IMAGE
   next_ids_BL = jnp.concatenate([image_ids_BL[:, 1:], jnp.zeros_like(image_ids_BL[:, :1])], axis=1)
   next_image_BL = jnp.concatenate([is_image_BL[:, 1:], jnp.zeros_like(is_image_BL[:, :1])], axis=1)

@@ -65,7 +65,8 @@ def report(config) -> dict:
 
   flops_per_token = 6 * (block + LM-head matmul params) + 6 * layers * seq_len * heads * head_dim:
   attention over the causal half of the L x L pairs (the work the mask leaves; an image's
-  bidirectional patches add n^2 / 2 pairs, under 1% at 4096 positions), MaxText's convention.
+  bidirectional patches add n^2 / 2 pairs, under 1% at 4096 positions), MaxText's convention;
+  so model.image_attention "causal" and "bidirectional" count the same FLOPs.
   Image tokens add `modality_flops_per_image_token` (the patch encoder/decoder or U-Net, measured).
   """
   config = presets.resolve(config)
@@ -103,3 +104,11 @@ def model_flops(report: dict, positions: float, text_targets: float, image_posit
   layers on image positions. `report` is `report(config)`; this is MFU's numerator."""
   return (positions * report["body_flops_per_token"] + text_targets * report["head_flops_per_token"]
           + image_positions * report["modality_flops_per_image_token"])
+
+
+def step_flops(config, report: dict, metrics: dict) -> float:
+  """A training step's FLOPs (`model_flops`) from its metrics: `text_tokens` and `images` of the
+  global batch, as the loss counts them (the trainer's MFU and tfx.sweeps' FLOP axis)."""
+  n = patching.num_patches(config.image.resolution // config.autoencoder.downsample, config.image.patch_size)
+  return model_flops(report, config.global_batch_size * config.seq_len, metrics["text_tokens"],
+                     metrics["images"] * n)

@@ -76,6 +76,7 @@ class Transfusion(nnx.Module):
     self.scan_layers = bool(m.scan_layers)
     self.remat = m.remat
     self.attention_impl = attention.implementation(m.attention)
+    self.image_attention = attention.check_image_attention(m.image_attention)
     if self.remat != "none":
       _remat_policy(self.remat)
     self.embed = layers.Embed(m.vocab_size, m.d_model, rngs=rngs, dtype=self.dtype)
@@ -154,7 +155,7 @@ class Transfusion(nnx.Module):
     image_BLD, ctx = self.patches.encode(batch["patches"], t_BL, modality_BL)
     x_BLD = jnp.where(is_image_BL1, image_BLD.astype(self.dtype), text_BLD)
     x_BLD = mesh.constrain(x_BLD, _ACT)
-    horizon_BL = attention.horizon(batch["image_ids"], modality_BL)
+    horizon_BL = attention.horizon(batch["image_ids"], modality_BL, self.image_attention)
     x_BLD, new_cache = self._run_blocks(x_BLD, positions_BL, segment_BL, horizon_BL, cache)
     h_BLD = self.final_norm(x_BLD)
     patch_out_BLP = jnp.where(is_image_BL1, self.patches.decode(h_BLD, ctx), 0.0)
