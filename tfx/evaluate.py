@@ -4,7 +4,9 @@ Writes WORKDIR/eval/<step>.json (metrics, options, every generated caption with 
 reference), a PNG grid of the first 24 generated images beside it (prompts listed in the
 JSON), TensorBoard scalars under WORKDIR/tensorboard (tag eval/<metric>), and prints a
 short table. Sweeps: several --cfg_scales and/or --steps evaluate text-to-image once per
-combination. --mesh shards the params over a device mesh as in training (a checkpoint
+combination. --edits N scores image edits instead (a run trained on an edit dataset, e.g.
+experiments/shapes_edit.py): WORKDIR/eval/<step>_edits.json and .png, pass rates per edit
+kind (tfx.eval.edits). --mesh shards the params over a device mesh as in training (a checkpoint
 too large for one device).
 """
 import argparse
@@ -74,7 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--mesh", type=_mesh_flag, default=None, metavar="AXIS=SIZE,...",
                  help="device mesh over data/fsdp/tensor, e.g. fsdp=8 (axes not named are 1, one may be -1 = "
                       "the rest), params sharded as in training; default: the first device only")
+  p.add_argument("--edits", type=int, default=0, help="score N edits of --split (an equal share per edit kind) "
+                                                     "instead of the suite; guidance and steps: the first "
+                                                     "--cfg_scales / --steps")
+  p.add_argument("--edits_heldout", type=int, default=0, help="with --edits: also N edits of the heldout split")
   args = p.parse_args(argv)
+  if args.edits < 0 or args.edits_heldout < 0:
+    p.error(f"--edits and --edits_heldout must be >= 0, got {args.edits} and {args.edits_heldout}")
   for name in ("num", "batch_size", "caption_tokens", "text_records"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -129,6 +137,8 @@ def _evaluate(args, mesh) -> int:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
   step = restore.latest_step(args.workdir) if args.step is None else args.step
+  if args.edits:
+    return _evaluate_edits(args, config, model, step)
   options = suite.Options(
       split=args.split, num=args.num, num_heldout=args.num_heldout,
       cfg_scales=tuple(args.cfg_scales or (config.diffusion.cfg_scale,)),
@@ -148,6 +158,23 @@ def _evaluate(args, mesh) -> int:
   print(f"step {step}: {len(result.pairs) - held} {args.split} pairs (rates below), {held} held-out "
         "(held-out rows)")
   print(format_table(result.metrics))
+  print(f"wrote {path}")
+  return 0
+
+
+def _evaluate_edits(args, config, model, step: int) -> int:
+  from tfx.eval import edits
+  options = edits.Options(split=args.split, num=args.edits, num_heldout=args.edits_heldout, seed=args.seed,
+                          steps=args.steps[0] if args.steps else None,
+                          cfg_scale=args.cfg_scales[0] if args.cfg_scales else None, sampler=args.sampler)
+  try:
+    result = edits.run(config, model, options, log=lambda m: print(m, file=sys.stderr, flush=True))
+  except ValueError as e:
+    print(f"tfx.evaluate: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+  path = results.write_edits(args.workdir, step, result, options)
+  print(f"step {step}: {len(result.edits)} edits of {args.split} (+ held-out)")
+  print(edits.format_table(result.metrics))
   print(f"wrote {path}")
   return 0
 

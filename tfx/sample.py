@@ -3,6 +3,7 @@
   --prompt "a red circle" --num 8 --out DIR   PNGs + grid.png
   --prompts_file FILE --out DIR               PNGs + DIR/manifest.jsonl
   --image A.png [B.jpg ...]                   one JSON line {"image", "caption"} each
+  --edit A.png --instruction TEXT --out DIR   --num edited images + grid.png (source first)
   --mesh fsdp=8 (or data=2,fsdp=2,tensor=2)   params sharded over a device mesh as in training
 """
 import argparse
@@ -26,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   mode.add_argument("--prompt", help="one caption to draw --num images for")
   mode.add_argument("--prompts_file", help="text file, one caption per line")
   mode.add_argument("--image", nargs="+", metavar="PATH", help="PNG/JPEG images to caption")
-  p.add_argument("--num", type=int, default=4, help="images per --prompt")
+  mode.add_argument("--edit", metavar="PATH", help="PNG/JPEG image to edit by --instruction")
+  p.add_argument("--instruction", help="with --edit: what to change, e.g. 'make the red circle blue'")
+  p.add_argument("--num", type=int, default=4, help="images per --prompt or --edit")
   p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file)")
   p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
   p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
@@ -44,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.prompt is not None and not args.prompt.strip():
     p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
   if args.image is None and not args.out:
-    p.error("--out DIR is required with --prompt / --prompts_file")
+    p.error("--out DIR is required with --prompt / --prompts_file / --edit")
+  if (args.edit is None) != (args.instruction is None) or (args.instruction is not None
+                                                            and not args.instruction.strip()):
+    p.error("--edit IMAGE and a non-empty --instruction TEXT go together")
   for name in ("num", "batch_size", "max_tokens"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -139,6 +145,23 @@ def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
     print(json.dumps({"image": path, "caption": caption}), flush=True)
 
 
+def _edit(gen, image: np.ndarray, args, out: str) -> None:
+  from tfx import generate
+  from tfx.eval import edits
+  names = _output_names(args.num, manifest=False)
+  start = time.time()
+  progress = lambda done, total: _log(f"edits {done}/{total}  ({time.time() - start:.1f}s)")
+  images = edits.edit_images(gen, [image] * args.num, [args.instruction] * args.num, seed=args.seed,
+                             steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, progress=progress)
+  os.makedirs(out, exist_ok=True)
+  _check_out(out, names)
+  for name, edited in zip(names, images):
+    _save_png(os.path.join(out, name), edited)
+  source = gen.patches_to_images(gen.image_patches([image]))   # the source as the model sees it
+  _save_png(os.path.join(out, "grid.png"), generate.image_grid(np.concatenate([source, images])))
+  _log(f"wrote {args.num} edited images to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from absl import logging as absl_logging
@@ -147,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     # every check that needs no model runs before the (slow) checkpoint restore
     if args.image:
       images = read_images(args.image)
+    elif args.edit:
+      source = read_images([args.edit])[0]
+      _check_out(args.out, _output_names(args.num, manifest=False))
     else:
       prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
       _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
@@ -169,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"cannot set up generation for {args.workdir}: {e}") from None
       if args.image:
         _caption(gen, args.image, images, args)
+      elif args.edit:
+        _edit(gen, source, args, args.out)
       else:
         _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
   except UsageError as e:

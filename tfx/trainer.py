@@ -136,6 +136,17 @@ def _step_flops(config) -> Callable[[dict], float] | None:
   return lambda m: flops.model_flops(report, positions, m["text_tokens"], m["images"] * n)
 
 
+def _init_from(workdir, factory: state_lib.StateFactory, state: state_lib.TrainState) -> state_lib.TrainState:
+  """`state` with params (and EMA) from WORKDIR's latest checkpoint (config.init_from)."""
+  from tfx import restore
+  try:
+    params = restore.init_params(workdir, factory.abstract_with_shardings().params)
+  except ValueError as e:
+    raise ConfigError(f"init_from: {e}") from None
+  ema = None if state.ema is None else jax.tree.map(lambda x: x.copy(), params)  # the step donates both
+  return state.replace(params=params, ema=ema)
+
+
 def _sampling_model(graphdef, state: state_lib.TrainState):
   """The model sampling uses: the EMA params when kept, else the params."""
   from flax import nnx
@@ -172,6 +183,10 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   if start is None:
     state = factory.init()
     start = 0
+    if config.init_from:
+      state = _init_from(config.init_from, factory, state)
+      if is_chief:
+        print(f"initialized the params from {config.init_from}", file=sys.stderr)
   else:
     target = factory.abstract_with_shardings().checkpoint_items()
     items = checkpointer.restore(start, target, iterator)
