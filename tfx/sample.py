@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   mode.add_argument("--edit", metavar="PATH", help="PNG/JPEG image to edit by --instruction")
   p.add_argument("--instruction", help="with --edit: what to change, e.g. 'make the red circle blue'")
   p.add_argument("--num", type=int, default=4, help="images per --prompt or --edit")
-  p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file)")
+  p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file/--edit)")
   p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
   p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
   p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: config)")
