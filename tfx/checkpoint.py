@@ -2,6 +2,7 @@
 import json
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -79,6 +80,13 @@ class Checkpointer:
     tree = meta["state"]
     tree = getattr(tree, "tree", tree)
     return set(tree.keys()) if tree else set()
+
+  def saved_shapes(self, step: int, key: str) -> dict[str, tuple[int, ...]]:
+    """Shape of every array under the saved state item `key` at `step`, by "a/b/c" path."""
+    meta = self._manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta)[key]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
   def reached_preemption(self, step: int) -> bool:
     """True when the JAX distributed runtime saw a preemption notice (multi-host)."""

@@ -9,7 +9,9 @@ and prints its column beside the first; --no_alt skips it. Sweeps: several --cfg
 and/or --steps evaluate text-to-image once per combination. --mesh shards the params over a
 device mesh as in training (a checkpoint too large for one device). With
 --coordinator_address/--num_processes/--process_id (as tfx.train) several processes run it
-as one program; only process 0 writes or prints.
+as one program; only process 0 writes or prints. --edits N scores image edits instead (a run
+trained on an edit dataset, e.g. experiments/shapes_edit.py): WORKDIR/eval/<step>_edits.json
+and .png, pass rates per edit kind (tfx.eval.edits).
 """
 import argparse
 import contextlib
@@ -84,7 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "the rest), params sharded as in training; default: the first device only, or fsdp "
                       "over every device of several processes")
   distributed.add_argparse_flags(p)
+  p.add_argument("--edits", type=int, default=0, help="score N edits of --split (an equal share per edit kind) "
+                                                     "instead of the suite; guidance and steps: the first "
+                                                     "--cfg_scales / --steps")
+  p.add_argument("--edits_heldout", type=int, default=0, help="with --edits: also N edits of the heldout split")
   args = p.parse_args(argv)
+  if args.edits < 0 or args.edits_heldout < 0:
+    p.error(f"--edits and --edits_heldout must be >= 0, got {args.edits} and {args.edits_heldout}")
   try:
     distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id)
   except distributed.DistributedError as e:
@@ -153,6 +161,8 @@ def _evaluate(args, mesh) -> int:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
   step = restore.latest_step(args.workdir) if args.step is None else args.step
+  if args.edits:
+    return _evaluate_edits(args, config, model, step)
   options = suite.Options(
       split=args.split, num=args.num, num_heldout=args.num_heldout,
       cfg_scales=tuple(args.cfg_scales or (config.diffusion.cfg_scale,)),
@@ -186,6 +196,25 @@ def _evaluate(args, mesh) -> int:
   print(format_table(*columns))
   for path in paths:
     print(f"wrote {path}")
+  return 0
+
+
+def _evaluate_edits(args, config, model, step: int) -> int:
+  from tfx.eval import edits
+  options = edits.Options(split=args.split, num=args.edits, num_heldout=args.edits_heldout, seed=args.seed,
+                          steps=args.steps[0] if args.steps else None,
+                          cfg_scale=args.cfg_scales[0] if args.cfg_scales else None, sampler=args.sampler)
+  try:
+    result = edits.run(config, model, options, log=lambda m: print(m, file=sys.stderr, flush=True))
+  except ValueError as e:
+    print(f"tfx.evaluate: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
+  if not distributed.is_chief():  # every process computed; process 0 writes and prints
+    return 0
+  path = results.write_edits(args.workdir, step, result, options)
+  print(f"step {step}: {len(result.edits)} edits of {args.split} (+ held-out)")
+  print(edits.format_table(result.metrics))
+  print(f"wrote {path}")
   return 0
 
 

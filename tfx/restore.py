@@ -64,6 +64,31 @@ def latest_step(workdir) -> int | None:
     ckpt.close()
 
 
+def init_params(workdir, target: dict) -> dict:
+  """The params (EMA if saved) of WORKDIR's latest checkpoint, restored onto `target`
+  (ShapeDtypeStructs with shardings, as a train state's params). ValueError in one line
+  when WORKDIR has no checkpoint or its params differ from `target` in names or shapes."""
+  try:
+    ckpt = ckpt_lib.Checkpointer.open_existing(workdir)
+  except ckpt_lib.NoCheckpointError as e:
+    raise ValueError(str(e)) from None
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"no finished checkpoint in {ckpt.directory}")
+    key = "ema" if "ema" in ckpt.saved_keys(step) else "params"
+    saved = ckpt.saved_shapes(step, key)
+    flat = jax.tree_util.tree_flatten_with_path(target)[0]
+    want = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+    for name in sorted(set(saved) | set(want)):
+      if saved.get(name) != want.get(name):
+        raise ValueError(f"param {name} has shape {saved.get(name, 'none (absent)')} in {workdir} step {step} "
+                         f"but {want.get(name, 'none (absent)')} in this config; the model must match")
+    return ckpt.restore_subtree(step, {key: target})[key]
+  finally:
+    ckpt.close()
+
+
 def _check_divides(abstract, shardings) -> None:
   """MeshError naming the first param whose sharded dimension the mesh axes do not divide."""
   for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)):

@@ -3,6 +3,7 @@
   --prompt "a red circle" --num 8 --out DIR   PNGs + grid.png
   --prompts_file FILE --out DIR               PNGs + DIR/manifest.jsonl
   --image A.png [B.jpg ...]                   one JSON line {"image", "caption"} each
+  --edit A.png --instruction TEXT --out DIR   --num edited images + grid.png (source first)
   --mesh fsdp=8 (or data=2,fsdp=2,tensor=2)   params sharded over a device mesh as in training
   --coordinator_address H:P --num_processes N --process_id I   several processes as one program
                                               (as tfx.train); only process 0 writes or prints
@@ -30,8 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   mode.add_argument("--prompt", help="one caption to draw --num images for")
   mode.add_argument("--prompts_file", help="text file, one caption per line")
   mode.add_argument("--image", nargs="+", metavar="PATH", help="PNG/JPEG images to caption")
-  p.add_argument("--num", type=int, default=4, help="images per --prompt")
-  p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file)")
+  mode.add_argument("--edit", metavar="PATH", help="PNG/JPEG image to edit by --instruction")
+  p.add_argument("--instruction", help="with --edit: what to change, e.g. 'make the red circle blue'")
+  p.add_argument("--num", type=int, default=4, help="images per --prompt or --edit")
+  p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file/--edit)")
   p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
   p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
   p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: config)")
@@ -54,7 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.prompt is not None and not args.prompt.strip():
     p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
   if args.image is None and not args.out:
-    p.error("--out DIR is required with --prompt / --prompts_file")
+    p.error("--out DIR is required with --prompt / --prompts_file / --edit")
+  if (args.edit is None) != (args.instruction is None) or (args.instruction is not None
+                                                            and not args.instruction.strip()):
+    p.error("--edit IMAGE and a non-empty --instruction TEXT go together")
   for name in ("num", "batch_size", "max_tokens"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -162,6 +168,25 @@ def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
     print(json.dumps({"image": path, "caption": caption}), flush=True)
 
 
+def _edit(gen, image: np.ndarray, args, out: str) -> None:
+  from tfx import generate
+  from tfx.eval import edits
+  names = _output_names(args.num, manifest=False)
+  start = time.time()
+  progress = lambda done, total: _log(f"edits {done}/{total}  ({time.time() - start:.1f}s)")
+  images = edits.edit_images(gen, [image] * args.num, [args.instruction] * args.num, seed=args.seed,
+                             steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, progress=progress)
+  if not distributed.is_chief():
+    return
+  os.makedirs(out, exist_ok=True)
+  _check_out(out, names)
+  for name, edited in zip(names, images):
+    _save_png(os.path.join(out, name), edited)
+  source = gen.patches_to_images(gen.image_patches([image]))   # the source as the model sees it
+  _save_png(os.path.join(out, "grid.png"), generate.image_grid(np.concatenate([source, images])))
+  _log(f"wrote {args.num} edited images to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from absl import logging as absl_logging
@@ -171,14 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     # reads the inputs (all run the same program), only process 0 checks --out, which it alone writes
     if args.image:
       images = read_images(args.image)
+    elif args.edit:
+      source = read_images([args.edit])[0]
     else:
       prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.image is None:
+      names = (_output_names(args.num, manifest=False) if args.edit
+               else _output_names(len(prompts), manifest=bool(args.prompts_file)))
       refused = None
       if distributed.is_chief():
         try:
-          _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
+          _check_out(args.out, names)
         except UsageError as e:
           refused = e
       if distributed.chief_says(refused is not None):
@@ -205,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
       try:
         if args.image:
           _caption(gen, args.image, images, args)
+        elif args.edit:
+          _edit(gen, source, args, args.out)
         else:
           _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
       except generate.PromptTooLongError as e:

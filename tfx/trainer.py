@@ -117,6 +117,20 @@ def _step_flops(config) -> Callable[[dict], float] | None:
   return lambda m: flops.step_flops(config, report, m)
 
 
+def _init_state(config, factory: state_lib.StateFactory) -> state_lib.TrainState:
+  """A new run's state; with config.init_from, its params (and EMA) from that workdir's latest checkpoint."""
+  if not config.init_from:
+    return factory.init()
+  from tfx import restore
+  try:  # before the init compiles: a wrong workdir or model fails at once
+    params = restore.init_params(config.init_from, factory.abstract_with_shardings().params)
+  except ValueError as e:
+    raise ConfigError(f"init_from: {e}") from None
+  state = factory.init()
+  ema = None if state.ema is None else jax.tree.map(lambda x: x.copy(), params)  # the step donates both
+  return state.replace(params=params, ema=ema)
+
+
 def _sampling_model(graphdef, state: state_lib.TrainState):
   """The model sampling uses: the EMA params when kept, else the params."""
   from flax import nnx
@@ -151,8 +165,10 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   start = checkpointer.latest_step()
   if start is None:
-    state = factory.init()
+    state = _init_state(config, factory)
     start = 0
+    if config.init_from and is_chief:
+      print(f"initialized the params from {config.init_from}", file=sys.stderr)
   else:
     target = factory.abstract_with_shardings().checkpoint_items()
     items = checkpointer.restore(start, target, iterator)

@@ -7,6 +7,10 @@ from `python -m tfx.data.prepare`, and latent caches written by the autoencoder)
   latent    float32 [h, w, c]         autoencoder latents (raw, before shift/scale),
                                       written instead of `image` by a latent cache
   spec      Text                      shapes only: the scene as JSON (shapes.Spec)
+An edit dataset (built-in shapes_edit) holds instead of caption/image:
+  source_image, target_image  uint8 [R, R, 3] (zlib)  the scene before and after the edit
+  instruction Text            what to change ("make the red circle blue")
+  edit        Text            the edit as JSON (tfx.data.shapes_edit.Edit)
 Text datasets hold one feature:
   text      Text                      one document
 
@@ -68,6 +72,10 @@ class ShapesWide(_ArrayRecordDataset, skip_registration=True):
   """The wider shapes world (tfx.data.shapes_wide); tfds names its folder shapes_wide."""
 
 
+class ShapesEdit(_ArrayRecordDataset, skip_registration=True):
+  """The procedural shapes-edit dataset (tfx.data.shapes_edit)."""
+
+
 class PydocTopics(_ArrayRecordDataset, skip_registration=True):
   """Prose of Python's pydoc topics (tfx.data.text_corpus)."""
 
@@ -89,6 +97,13 @@ def image_text_features(*, resolution: int | None = None, latent_shape: tuple[in
   if with_spec:
     f["spec"] = tfds.features.Text()
   return tfds.features.FeaturesDict(f)
+
+
+def edit_features(resolution: int) -> tfds.features.FeaturesDict:
+  """Features of an edit dataset: source and target pixels at `resolution`, the instruction, the edit."""
+  image = lambda: tfds.features.Tensor(shape=(resolution, resolution, 3), dtype=np.uint8, encoding="zlib")
+  return tfds.features.FeaturesDict({"source_image": image(), "instruction": tfds.features.Text(),
+                                     "target_image": image(), "edit": tfds.features.Text()})
 
 
 def text_features() -> tfds.features.FeaturesDict:

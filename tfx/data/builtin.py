@@ -3,6 +3,7 @@
 Layout (data_dir defaults to ~/tensorflow_datasets):
   shapes/n{train}_e{eval}_r{REVISION}/1.0.0/    splits train, validation, test, heldout
   shapes_wide/n{train}_e{eval}_r{REVISION}/1.0.0/   the same splits of the wider world (tfx.data.shapes_wide)
+  shapes_edit/n{train}_e{eval}_r{REVISION}/1.0.0/  splits train, test, heldout (sizes: data.shapes_*_size)
   pydoc_topics/r{REVISION}/1.0.0/                splits train, validation
   tfx_tokenizer/v{vocab}_r{REVISION}/tokenizer.model
 REVISION changes whenever the generating code changes what is built.
@@ -21,10 +22,11 @@ import time
 import numpy as np
 
 from tfx import fs
-from tfx.data import builders, shapes, shapes_wide, text_corpus, tokenizer
+from tfx.data import builders, shapes, shapes_edit, shapes_wide, text_corpus, tokenizer
 
 SHAPES = "shapes"
 SHAPES_WIDE = "shapes_wide"
+SHAPES_EDIT = "shapes_edit"
 PYDOC = "pydoc_topics"
 _SHAPES_SEED = 1234          # the dataset is a fixed artifact, independent of config.seed
 _TOKENIZER_CAPTIONS = 5000   # grammar captions mixed into the tokenizer's training text
@@ -88,6 +90,37 @@ def shapes_dir(config, world: str = SHAPES) -> str:
   return _build_once(config, (world, name), build)
 
 
+def _edit_examples(split: str, n: int):
+  def gen():
+    split_index = ["train", "test", "heldout"].index(split)
+    for i in range(n):
+      rng = np.random.default_rng([_SHAPES_SEED, 1 << 20, split_index, i])   # apart from the shapes streams
+      kind = shapes_edit.KINDS[i % len(shapes_edit.KINDS)]
+      edit = (shapes_edit.sample_heldout_edit(rng, kind) if split == "heldout"
+              else shapes_edit.sample_edit(rng, kind))
+      yield f"{split}-{i:08d}", {"source_image": shapes.render(edit.source), "instruction": edit.instruction,
+                                 "target_image": shapes.render(edit.target), "edit": edit.to_json()}
+  return gen
+
+
+def shapes_edit_dir(config) -> str:
+  """The shapes-edit dataset (kinds in turn) for config.data's shapes sizes, built if missing."""
+  d = config.data
+  name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}_r{REVISION}"
+
+  def build(local_data_dir):
+    t0 = time.time()
+    sizes = {"train": d.shapes_train_size, "test": d.shapes_eval_size, "heldout": d.shapes_eval_size}
+    builders.write_dataset(
+        builders.ShapesEdit, local_data_dir, builders.edit_features(shapes.SIZE),
+        {s: _edit_examples(s, n) for s, n in sizes.items() if n > 0}, config_name=name,
+        description="Procedural shapes edits (tfx.data.shapes_edit); heldout touches colour-shape pairs "
+                    "absent from train.")
+    print(f"tfx.data: built shapes_edit {name} in {time.time() - t0:.1f}s", flush=True)
+
+  return _build_once(config, (SHAPES_EDIT, name), build)
+
+
 def _build_once(config, parts: tuple[str, ...], build) -> str:
   """Runs `build(local data_dir)` unless data_dir/parts holds a dataset; one process builds, others wait."""
   root = fs.join(data_dir(config), *parts)
@@ -142,10 +175,12 @@ def resolve(config, name: str) -> str:
   """A data source name from the config -> its dataset directory (built-ins built on demand)."""
   if name in (SHAPES, SHAPES_WIDE):
     return shapes_dir(config, name)
+  if name == SHAPES_EDIT:
+    return shapes_edit_dir(config)
   if name == PYDOC:
     return pydoc_dir(config)
   path = os.path.expanduser(name)
   if not fs.isdir(path):
-    raise FileNotFoundError(f"data source {name!r} is neither a built-in ({SHAPES}, {SHAPES_WIDE}, {PYDOC}) "
+    raise FileNotFoundError(f"data source {name!r} is neither a built-in ({SHAPES}, {SHAPES_WIDE}, {SHAPES_EDIT}, {PYDOC}) "
                             f"nor an existing directory")
   return path

@@ -93,6 +93,21 @@ def image_text_example(caption_ids, patches_NP: np.ndarray, tok, *, caption_firs
   return _fields(tokens, patches, modality, image_ids, noise_limited, False)
 
 
+def edit_example(source_NP: np.ndarray, instruction_ids, target_NP: np.ndarray, tok, *,
+                 compact: bool = False) -> dict[str, np.ndarray]:
+  """`[BOS] BOI source EOI instruction BOI target EOI [EOS]`: an image edit, images 1 and 2.
+
+  The source's patches are noise_limited (the target is learned from a mostly clean
+  source, as a caption from an image-first pair's image); generation gives it clean.
+  """
+  first = image_text_example([], source_NP, tok, caption_first=False, eos=False, compact=compact)
+  second = image_text_example(instruction_ids, target_NP, tok, bos=False, compact=compact)
+  second["image_ids"] = second["image_ids"] * 2
+  out = {k: np.concatenate([first[k], second[k]]) for k in first if k != "splittable"}
+  out["splittable"] = np.asarray(False)
+  return out
+
+
 def length(example: dict[str, np.ndarray]) -> int:
   return int(example["tokens"].shape[0])
 

@@ -100,6 +100,31 @@ class _ImageTextToExamples:
     return out
 
 
+class _EditToExamples:
+  """Edit records (source image, instruction, target image) -> compact edit examples.
+
+  With probability data.caption_dropout the condition (source and instruction) is
+  dropped, leaving `BOS BOI target EOI EOS`: the unconditional branch of guidance.
+  """
+
+  def __init__(self, config, tok):
+    self.tok, self.k, self.resolution = tok, config.image.patch_size, config.image.resolution
+    self.dropout, self.max_tokens = config.data.caption_dropout, config.data.max_caption_tokens
+
+  def __call__(self, records: list, rng: np.random.Generator) -> list[dict]:
+    u = rng.random(len(records))
+    out = []
+    for ex, u_drop in zip(records, u):
+      target = patching.patchify(pixels_to_model(ex["target_image"], self.resolution), self.k)
+      if u_drop < self.dropout:
+        out.append(examples.image_text_example([], target, self.tok, compact=True))
+        continue
+      source = patching.patchify(pixels_to_model(ex["source_image"], self.resolution), self.k)
+      ids = self.tok.encode(_text(ex["instruction"]))[:self.max_tokens]
+      out.append(examples.edit_example(source, ids, target, self.tok, compact=True))
+    return out
+
+
 class _TextToExamples:
   def __init__(self, tok, patch_dim: int):
     self.tok, self.patch_dim = tok, patch_dim
@@ -114,6 +139,11 @@ def _check_image_source(config, path: str) -> bool:
   """Whether the image-caption dataset at `path` is read as latents; errors on a mismatch."""
   names = builders.feature_names(path)
   pixels = config.autoencoder.kind == "pixels"
+  if "instruction" in names:   # an edit dataset (shapes_edit) holds pixels only
+    if not pixels:
+      raise ValueError(f"{path} is an edit dataset of pixels; it needs autoencoder.kind 'pixels', not "
+                       f"{config.autoencoder.kind!r}")
+    return False
   if pixels and "image" not in names:
     raise ValueError(f"autoencoder.kind is 'pixels' but {path} holds no `image` feature "
                      f"(features: {sorted(names)})")
@@ -336,9 +366,11 @@ def make_dataset(config, *, split: str = "train", process_index: int | None = No
   patch_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
   parts = []
   if d.image_text and d.image_text_weight > 0:
-    use_latent = _check_image_source(config, builtin.resolve(config, d.image_text))
-    parts.append(_Part(open_source(config, "image_text", split), _ImageTextToExamples(config, tok, use_latent),
-                       d.image_text_weight, salt=0))
+    path = builtin.resolve(config, d.image_text)
+    use_latent = _check_image_source(config, path)
+    make = (_EditToExamples(config, tok) if "instruction" in builders.feature_names(path)
+            else _ImageTextToExamples(config, tok, use_latent))
+    parts.append(_Part(open_source(config, "image_text", split), make, d.image_text_weight, salt=0))
   if d.text and d.text_weight > 0:
     parts.append(_Part(open_source(config, "text", split), _TextToExamples(tok, patch_dim), d.text_weight, salt=1))
   if not parts:

@@ -41,3 +41,37 @@ def write(workdir: str, step: int, result: suite.Result, options: suite.Options,
     writer.add_scalar(f"eval_{name}/{key}" if name else f"eval/{key}", float(value), step)
   writer.close()
   return path
+
+
+def write_edits(workdir: str, step: int, result, options) -> str:
+  """WORKDIR/eval/<step>_edits.json (metrics, every edit's verdict) + .png (source | edited | target
+  for the first 8 edits), TensorBoard scalars; returns the JSON path. `result`: tfx.eval.edits.Result."""
+  import numpy as np
+  from PIL import Image
+  from tfx import generate
+  path = _free_path(fs.join(workdir, EVAL_SUBDIR), f"{step}_edits", ".json")
+  rows = [{"instruction": e.instruction, "kind": e.kind, "held_out": h, **{k: v[k] for k in ("caption", "keep",
+                                                                                         "passed")}}
+          for e, h, v in zip(result.edits.edits, result.edits.held_out, result.verdicts)]
+  fs.write_text(path, json.dumps({"step": step, "metrics": result.metrics, "options": dataclasses.asdict(options),
+                                  "edits": rows}, indent=1))
+  n = min(8, len(rows))
+  side = result.images.shape[1]
+  sources, targets = (_resize(a[:n], side) for a in (result.edits.sources, result.edits.targets))
+  triplets = np.stack([sources, result.images[:n], targets], 1).reshape(3 * n, side, side, 3)
+  scale = max(1, 64 // side)
+  png = io.BytesIO()
+  Image.fromarray(generate.image_grid(triplets.repeat(scale, 1).repeat(scale, 2), cols=6)).save(png, format="PNG")
+  fs.write_bytes(path[:-len(".json")] + ".png", png.getvalue())
+  writer = fs.tensorboard_writer(fs.join(workdir, "tensorboard"))
+  for key, value in result.metrics.items():
+    writer.add_scalar(f"eval/{key}", float(value), step)
+  writer.close()
+  return path
+
+
+def _resize(images, side: int):
+  """uint8 [N, S, S, 3] -> [N, side, side, 3] (box filter), as the model sees them."""
+  import numpy as np
+  from PIL import Image
+  return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BOX)) for im in images])
