@@ -16,12 +16,25 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: hos
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the memory/FLOPs report as JSON and exit")
+_ALLOW_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [], "resume even though these config keys (e.g. global_batch_size,seq_len) "
+    "differ from the workdir's config.json")
+
+# Exit codes besides 0: 1 non-finite loss, 2 command-line misuse (bad flags, config, busy workdir),
+# 74 (sysexits EX_IOERR) a checkpoint or workdir file could not be written, 75 no checkpoint restores.
+IO_ERROR = 74
+DAMAGED = 75
 
 
 def usage_error(message: str) -> None:
   """One line on stderr and exit code 2: command-line misuse."""
   print(f"tfx.train: error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def _os_error_line(e: OSError) -> str:
+  where = f" {e.filename}" if e.filename else ""
+  return f"cannot write{where}: {e.strerror or e}"
 
 
 def _config_file(argv) -> str | None:
@@ -88,14 +101,24 @@ def main(argv) -> None:
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif _on_cloud_tpu_vm():
     jax.distributed.initialize()  # finds the pod's coordinator and this worker's id itself
-  from tfx import mesh, metrics, trainer
+  from tfx import checkpoint, lock, mesh, metrics, trainer
   try:
-    result = trainer.run(config, _WORKDIR.value)
-  except (trainer.ConfigError, mesh.MeshError) as e:
+    result = trainer.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+  except (trainer.ConfigError, mesh.MeshError, lock.WorkdirBusyError) as e:
     usage_error(str(e))
   except metrics.NonFiniteLossError as e:
     print(f"tfx.train: {e}", file=sys.stderr)
     sys.exit(1)
+  except checkpoint.DamagedCheckpointError as e:
+    print(f"tfx.train: {e}", file=sys.stderr)
+    sys.exit(DAMAGED)
+  except OSError as e:  # CheckpointWriteError, or config.json / metrics.jsonl on a full disk
+    print(f"tfx.train: {e if isinstance(e, checkpoint.CheckpointWriteError) else _os_error_line(e)}",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Orbax's save threads still hold the failed write; a normal interpreter exit would print
+    # their teardown tracebacks. The earlier checkpoints are complete on disk.
+    os._exit(IO_ERROR)
   print(json.dumps(result))
 
 
