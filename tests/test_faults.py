@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -136,11 +135,10 @@ def _tree_digest(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
-def _file_size_limit(limit: int):
-  def apply():  # a write past `limit` bytes fails with EFBIG, as a full disk fails with ENOSPC
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-  return apply
+def with_file_size_limit(kib: int, command: list[str]) -> list[str]:
+  """`command` where a write past `kib` KiB fails with EFBIG (SIGXFSZ ignored), as a full disk fails
+  with ENOSPC: a real OS error inside tensorstore's writes, with no test hook in tfx."""
+  return ["bash", "-c", f"trap '' XFSZ; ulimit -f {kib}; exec \"$@\"", "bash", *command]
 
 
 def test_failed_write_then_second_trainer_then_stale_lock_then_resume(env, reference, tmp_path):
@@ -150,8 +148,7 @@ def test_failed_write_then_second_trainer_then_stale_lock_then_resume(env, refer
   # cache is a private copy: this run's cache writes are cut short too.
   private = dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
   shutil.copytree(env["JAX_COMPILATION_CACHE_DIR"], tmp_path / "cache")
-  failed = run(private, train(workdir, "--config.total_steps=10", *EVERY_STEP),
-               preexec_fn=_file_size_limit(100_000))
+  failed = run(private, with_file_size_limit(98, train(workdir, "--config.total_steps=10", *EVERY_STEP)))
   assert failed.returncode == 74, failed.stderr[-3000:]
   assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
   assert tfx_lines(failed.stderr) == [

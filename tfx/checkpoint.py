@@ -116,7 +116,6 @@ class Checkpointer:
 
   def __init__(self, workdir, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
-    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only,
@@ -129,6 +128,7 @@ class Checkpointer:
     self._failed = None      # the CheckpointWriteError once a save failed
     # A failed async write is raised here, at the next save or wait; Orbax's threads also log
     # it with tracebacks, and asyncio prints pages of 'Event loop is closed' while it unwinds.
+    # (The unraisable hook stays for the process: that noise can come at interpreter exit.)
     self._quiet = None if read_only else _QuietBackgroundErrors()
     if self._quiet is not None:
       logging.getLogger("absl").addFilter(self._quiet)
