@@ -1,4 +1,5 @@
 """`python -m tfx.train --config=experiments/shapes.py --workdir=W`: flags, distributed init, trainer.run()."""
+import errno
 import glob
 import importlib.util
 import json
@@ -32,9 +33,18 @@ def usage_error(message: str) -> None:
   sys.exit(2)
 
 
-def _os_error_line(e: OSError) -> str:
-  where = f" {e.filename}" if e.filename else ""
-  return f"cannot write{where}: {e.strerror or e}"
+# OS errors of a write that a rerun on a healthy disk would not hit: reported in one line, exit 74
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _write_error_line(e: OSError) -> str | None:
+  """One line for a checkpoint or workdir write that failed; None for other OS errors."""
+  from tfx import checkpoint
+  if isinstance(e, checkpoint.CheckpointWriteError):
+    return str(e)
+  if e.errno in _WRITE_ERRNOS:
+    return f"cannot write{f' {e.filename}' if e.filename else ''}: {e.strerror or e}"
+  return None
 
 
 def _config_file(argv) -> str | None:
@@ -113,8 +123,10 @@ def main(argv) -> None:
     print(f"tfx.train: {e}", file=sys.stderr)
     sys.exit(DAMAGED)
   except OSError as e:  # CheckpointWriteError, or config.json / metrics.jsonl on a full disk
-    print(f"tfx.train: {e if isinstance(e, checkpoint.CheckpointWriteError) else _os_error_line(e)}",
-          file=sys.stderr, flush=True)
+    line = _write_error_line(e)
+    if line is None:
+      raise
+    print(f"tfx.train: {line}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     # Orbax's save threads still hold the failed write; a normal interpreter exit would print
     # their teardown tracebacks. The earlier checkpoints are complete on disk.
