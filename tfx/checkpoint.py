@@ -94,7 +94,13 @@ def _quiet_unraisable(previous):
 
 
 def _all_finite(tree) -> bool:
-  """True when every floating-point leaf of `tree` is finite (one device reduction per leaf)."""
+  """True when every floating-point leaf of `tree` is finite (one device reduction per leaf).
+
+  Single-process only: per-leaf eager reductions over arrays spanning processes hung a
+  2-process CPU run (tests/test_multihost.py), so multi-process restores skip the check.
+  """
+  if jax.process_count() > 1:
+    return True
   flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
   return bool(np.all([np.asarray(f) for f in flags])) if flags else True
