@@ -195,7 +195,6 @@ def test_run_variant_trains_to_each_evaluation_step_and_resumes(monkeypatch, tmp
     open(runner.eval_path(workdir, step), "w").close()
 
   monkeypatch.setattr(runner.restore, "checkpoint_steps", lambda wd: list(ckpts))
-  monkeypatch.setattr(runner.restore, "latest_step", lambda wd: max(ckpts, default=None))
   monkeypatch.setattr(runner, "evaluate", evaluate)
   config = tiny_config(total_steps=6, checkpoint_every_steps=2)
   steps = runner.eval_steps(config, None)

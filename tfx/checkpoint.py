@@ -1,16 +1,109 @@
-"""All Orbax code: the train-state + data-iterator checkpoints under WORKDIR/checkpoints."""
+"""All Orbax code: the train-state + data-iterator checkpoints under WORKDIR/checkpoints.
+
+A checkpoint that fails to restore (a truncated or altered data file, a missing
+item or metadata file, a broken iterator JSON, non-finite values) is skipped for
+the next older one; the trainer moves it to WORKDIR/checkpoints_damaged/STEP.
+A save that fails (disk full, quota, I/O error) raises CheckpointWriteError.
+"""
+import contextlib
 import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "checkpoints_damaged"   # a sibling of checkpoints/: Orbax never lists or deletes it
 
 
 class NoCheckpointError(FileNotFoundError):
   """The workdir holds no finished checkpoint."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """No checkpoint in the workdir restores (or one that was asked for does not)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, quota, I/O error); earlier ones are untouched."""
+
+
+def reason(error: BaseException) -> str:
+  """An exception as one short line: the type and first message line of its root cause
+  (tensorstore's read error, not Orbax's wrapper)."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+  text = text if len(text) <= 200 else text[:197] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _os_cause(error: BaseException) -> str | None:
+  """'No space left on device' etc. when `error` (or its cause) is an OS error, else None.
+
+  Tensorstore reports OS errors as ValueError with `[os_error_code='28']` in the text.
+  """
+  while error is not None:
+    if isinstance(error, OSError) and error.errno:
+      return f"{error.strerror or os.strerror(error.errno)}" + (f" ({error.filename})" if error.filename else "")
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    if found:
+      return os.strerror(int(found.group(1)))
+    if isinstance(error, OSError):
+      return str(error)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _chain_text(error: BaseException | None) -> str:
+  texts = []
+  while error is not None:
+    texts.append(str(error))
+    error = error.__cause__ or error.__context__
+  return " ".join(texts)
+
+
+class _QuietBackgroundErrors(logging.Filter):
+  """Drops Orbax's logged errors: a failed background write is raised at the next save or wait,
+  where the caller reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _quiet_unraisable(previous):
+  """A sys.unraisablehook that hides the 'Event loop is closed' noise of a failed async save."""
+  if getattr(previous, "tfx_quiet", False):
+    return previous
+
+  def hook(unraisable):
+    text = f"{unraisable.exc_value!r} {unraisable.object!r}"
+    if "Event loop is closed" in text or "async_serialize" in text or "likely shutting down" in text:
+      return
+    previous(unraisable)
+  hook.tfx_quiet = True
+  return hook
+
+
+def _all_finite(tree) -> bool:
+  """True when every floating-point leaf of `tree` is finite (one device reduction per leaf).
+
+  Single-process only: per-leaf eager reductions over arrays spanning processes hung a
+  2-process CPU run (tests/test_multihost.py), so multi-process restores skip the check.
+  """
+  if jax.process_count() > 1:
+    return True
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(np.all([np.asarray(f) for f in flags])) if flags else True
 
 
 class _IteratorSnapshot:
@@ -31,9 +124,21 @@ class Checkpointer:
     self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, enable_async_checkpointing=async_save,
-        create=not read_only, read_only=read_only)
+        create=not read_only, read_only=read_only,
+        # a save cut short (disk full, a kill) leaves STEP.orbax-checkpoint-tmp; the workdir lock
+        # (tfx/lock.py) makes this trainer the only writer, so removing it at start is safe
+        cleanup_tmp_directories=not read_only)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._saving = None      # the step of the newest save started
+    self._failed = None      # the CheckpointWriteError once a save failed
+    # A failed async write is raised here, at the next save or wait; Orbax's threads also log
+    # it with tracebacks, and asyncio prints pages of 'Event loop is closed' while it unwinds.
+    # (The unraisable hook stays for the process: that noise can come at interpreter exit.)
+    self._quiet = None if read_only else _QuietBackgroundErrors()
+    if self._quiet is not None:
+      logging.getLogger("absl").addFilter(self._quiet)
+      sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
   @classmethod
   def open_existing(cls, workdir) -> "Checkpointer":
@@ -49,11 +154,37 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, items: dict, data_iterator=None, *, force: bool = True) -> bool:
-    """Starts an (async) save of the state items and the iterator at `step`."""
+    """Starts an (async) save of the state items and the iterator at `step`.
+
+    CheckpointWriteError if this save, or the previous async one, failed to write.
+    """
     args = {"state": ocp.args.PyTreeSave(items)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
-    return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+    with self._write_errors(step):
+      return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    """Turns an OS error of a save (Orbax's own or tensorstore's) into one CheckpointWriteError."""
+    if self._failed is not None:
+      raise self._failed
+    try:
+      yield
+      if step is not None:
+        self._saving = step
+    except Exception as e:  # noqa: BLE001 - only OS errors are translated, the rest re-raised
+      cause = _os_cause(e)
+      if cause is None:
+        raise
+      # an async save's error surfaces at the next save or wait: the tmp folder's name says which step
+      named = re.search(r"/(\d+)\.orbax-checkpoint-tmp", _chain_text(e))
+      failed = int(named.group(1)) if named else (step if step is not None else self._saving)
+      kept = self._manager.latest_step()
+      self._failed = CheckpointWriteError(
+          f"saving the checkpoint at step {failed} under {self.directory} failed: {cause} "
+          f"(the newest complete checkpoint: {'none' if kept is None else f'step {kept}'})")
+      raise self._failed from None
 
   def restore(self, step: int, target: dict, data_iterator=None) -> dict:
     """Restores state items onto `target`'s shardings (any mesh); sets the iterator's state."""
@@ -93,7 +224,56 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the pending async save; CheckpointWriteError if it failed (once: later calls return)."""
+    if self._failed is not None:
+      return
+    with self._write_errors(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    if self._quiet is not None:
+      logging.getLogger("absl").removeFilter(self._quiet)
+    if self._failed is None:  # after a failed async save, closing would raise its error again
+      self._manager.close()
+
+  def restore_newest(self, restore_one: Callable[[int], Any], *, report: Callable[[str], None],
+                     move_aside: bool) -> tuple[int, Any] | None:
+    """restore_one(step) on the newest checkpoint that restores with finite values; (step, result).
+
+    Checkpoints newer than it that failed are reported in one line each and, with
+    `move_aside`, moved to WORKDIR/checkpoints_damaged/STEP (never deleted). When every
+    checkpoint fails, nothing moves (the cause may be this run, not the files) and
+    DamagedCheckpointError names each failure. None when there is no checkpoint.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        result = restore_one(step)
+        if not _all_finite(result):
+          raise ValueError("non-finite values in the restored state")
+      except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint falls back to the next
+        failures.append((step, reason(e)))
+        continue
+      for bad, why in failures:
+        if move_aside:
+          where = self.move_aside(bad)
+          report(f"checkpoint at step {bad} is damaged ({why}); moved to {where}; using step {step}")
+        else:
+          report(f"checkpoint at step {bad} is damaged ({why}); using step {step} "
+                 f"(the next tfx.train moves it aside)")
+      return step, result
+    if failures:
+      raise DamagedCheckpointError(f"no checkpoint in {self.directory} restores: " +
+                                   "; ".join(f"step {s}: {why}" for s, why in failures))
+    return None
+
+  def move_aside(self, step: int) -> epath.Path:
+    """Moves checkpoint `step` to WORKDIR/checkpoints_damaged/STEP[.N] (a name Orbax ignores)."""
+    damaged = self.directory.parent / DAMAGED_SUBDIR
+    damaged.mkdir(parents=True, exist_ok=True)
+    target, n = damaged / str(step), 1
+    while target.exists():
+      target, n = damaged / f"{step}.{n}", n + 1
+    (self.directory / str(step)).rename(target)
+    self._manager.reload()
+    return target

@@ -156,11 +156,10 @@ def main(argv=None) -> int:
 
 def _evaluate(args, mesh) -> int:
   try:
-    config, model = restore.restore_model(args.workdir, args.step, ema=not args.no_ema, mesh=mesh)
+    config, model, step = restore.load(args.workdir, args.step, ema=not args.no_ema, mesh=mesh)
   except restore.RestoreError as e:
     print(f"tfx.evaluate: error: {e}", file=sys.stderr)
     return USAGE_ERROR
-  step = restore.latest_step(args.workdir) if args.step is None else args.step
   if args.edits:
     return _evaluate_edits(args, config, model, step)
   options = suite.Options(

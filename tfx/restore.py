@@ -1,5 +1,6 @@
 """A trained model for sampling and evaluation: WORKDIR/config.json + a checkpoint's params, on a mesh."""
 import math
+import sys
 from typing import Any
 
 import jax
@@ -13,7 +14,8 @@ from tfx import model as model_lib
 from tfx import workdir as workdir_lib
 
 # What restore_model raises for a workdir or mesh it cannot load onto (the CLIs report it in one line).
-RestoreError = (workdir_lib.NotAWorkdirError, ckpt_lib.NoCheckpointError, mesh_lib.MeshError)
+RestoreError = (workdir_lib.NotAWorkdirError, ckpt_lib.NoCheckpointError, ckpt_lib.DamagedCheckpointError,
+                mesh_lib.MeshError)
 
 
 def parse_mesh(text: str) -> ml_collections.ConfigDict:
@@ -51,15 +53,6 @@ def checkpoint_steps(workdir) -> list[int]:
     return []
   try:
     return sorted(ckpt.all_steps())
-  finally:
-    ckpt.close()
-
-
-def latest_step(workdir) -> int | None:
-  """The newest finished checkpoint's step in WORKDIR, or None."""
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  try:
-    return ckpt.latest_step()
   finally:
     ckpt.close()
 
@@ -103,7 +96,19 @@ def _check_divides(abstract, shardings) -> None:
 
 def restore_model(workdir, step: int | None = None, *, ema: bool = True,
                   mesh: Mesh | None = None) -> tuple[Any, nnx.Module]:
-  """Loads WORKDIR/config.json and a checkpoint's params (EMA if saved and `ema`) into a model.
+  """(config, model) of `load`."""
+  config, model, _ = load(workdir, step, ema=ema, mesh=mesh)
+  return config, model
+
+
+def load(workdir, step: int | None = None, *, ema: bool = True,
+         mesh: Mesh | None = None) -> tuple[Any, nnx.Module, int]:
+  """Loads WORKDIR/config.json and a checkpoint's params (EMA if saved and `ema`) into a model;
+  returns (config, model, the checkpoint's step).
+
+  Without `step`, a newest checkpoint that fails to restore is reported on stderr and the
+  next older one is used (tfx.checkpoint.Checkpointer.restore_newest); this reader moves
+  nothing, as a trainer may be writing the workdir.
 
   With a mesh each param is restored straight into its training layout (tfx.mesh.LOGICAL_RULES:
   FSDP over `embed`, tensor over heads/mlp/vocab), so no device ever holds the whole model;
@@ -112,12 +117,10 @@ def restore_model(workdir, step: int | None = None, *, ema: bool = True,
   config = workdir_lib.load_config(workdir)
   ckpt = ckpt_lib.Checkpointer.open_existing(workdir)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.all_steps():
-      have = ckpt.all_steps()
+    have = ckpt.all_steps()
+    if not have or (step is not None and step not in have):
       raise ckpt_lib.NoCheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
                                        f"{ckpt.directory} (available: {have or 'none'})")
-    key = "ema" if ema and "ema" in ckpt.saved_keys(step) else "params"
 
     graphdefs = []
 
@@ -139,9 +142,22 @@ def restore_model(workdir, step: int | None = None, *, ema: bool = True,
       _check_divides(abstract_params, shardings)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params, shardings)
-    params = ckpt.restore_subtree(step, {key: target})[key]
+
+    def restore_one(s: int):
+      key = "ema" if ema and "ema" in ckpt.saved_keys(s) else "params"
+      return ckpt.restore_subtree(s, {key: target})[key]
+
+    if step is None:
+      step, params = ckpt.restore_newest(restore_one, move_aside=False,
+                                         report=lambda m: print(m, file=sys.stderr))
+    else:
+      try:
+        params = restore_one(step)
+      except Exception as e:  # noqa: BLE001 - a damaged checkpoint asked for by step: one line
+        raise ckpt_lib.DamagedCheckpointError(f"checkpoint at step {step} in {ckpt.directory} does not "
+                                              f"restore ({ckpt_lib.reason(e)})") from None
   finally:
     ckpt.close()
   # non-Param variables are rebuilt, not stored
   rest = jax.jit(lambda: nnx.to_pure_dict(split()[1]), out_shardings=whole)()
-  return config, nnx.merge(graphdefs[-1], params, rest)
+  return config, nnx.merge(graphdefs[-1], params, rest), step

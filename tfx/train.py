@@ -1,4 +1,5 @@
 """`python -m tfx.train --config=experiments/shapes.py --workdir=W`: flags, distributed init, trainer.run()."""
+import errno
 import json
 import os
 import sys
@@ -16,12 +17,34 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, distributed.FLAG
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, distributed.FLAG_HELP["num_processes"])
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, distributed.FLAG_HELP["process_id"])
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the memory/FLOPs report as JSON and exit")
+_ALLOW_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [], "resume even though these config keys (e.g. global_batch_size,seq_len) "
+    "differ from the workdir's config.json")
+
+# Exit codes besides 0: 1 non-finite loss, 2 command-line misuse (bad flags, config, busy workdir),
+# 74 (sysexits EX_IOERR) a checkpoint or workdir file could not be written, 75 no checkpoint restores.
+IO_ERROR = 74
+DAMAGED = 75
 
 
 def usage_error(message: str) -> None:
   """One line on stderr and exit code 2: command-line misuse."""
   print(f"tfx.train: error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+# OS errors of a write that a rerun on a healthy disk would not hit: reported in one line, exit 74
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _write_error_line(e: OSError) -> str | None:
+  """One line for a checkpoint or workdir write that failed; None for other OS errors."""
+  from tfx import checkpoint
+  if isinstance(e, checkpoint.CheckpointWriteError):
+    return str(e)
+  if e.errno in _WRITE_ERRNOS:
+    return f"cannot write{f' {e.filename}' if e.filename else ''}: {e.strerror or e}"
+  return None
 
 
 def _config_file(argv) -> str | None:
@@ -80,14 +103,26 @@ def main(argv) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except distributed.DistributedError as e:
     usage_error(str(e))
-  from tfx import mesh, metrics, trainer
+  from tfx import checkpoint, lock, mesh, metrics, trainer
   try:
-    result = trainer.run(config, _WORKDIR.value)
-  except (trainer.ConfigError, mesh.MeshError) as e:
+    result = trainer.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+  except (trainer.ConfigError, mesh.MeshError, lock.WorkdirBusyError) as e:
     usage_error(str(e))
   except metrics.NonFiniteLossError as e:
     print(f"tfx.train: {e}", file=sys.stderr)
     sys.exit(1)
+  except checkpoint.DamagedCheckpointError as e:
+    print(f"tfx.train: {e}", file=sys.stderr)
+    sys.exit(DAMAGED)
+  except OSError as e:  # CheckpointWriteError, or config.json / metrics.jsonl on a full disk
+    line = _write_error_line(e)
+    if line is None:
+      raise
+    print(f"tfx.train: {line}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Orbax's save threads still hold the failed write; a normal interpreter exit would print
+    # their teardown tracebacks. The earlier checkpoints are complete on disk.
+    os._exit(IO_ERROR)
   print(json.dumps(result))
 
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from tfx import checkpoint as ckpt_lib
+from tfx import lock as lock_lib
 from tfx import loop
 from tfx import mesh as mesh_lib
 from tfx import metrics as metrics_lib
@@ -52,8 +53,9 @@ def data_parallel_size(mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def validate(config, workdir) -> jax.sharding.Mesh:
-  """Checks the config against the devices and the workdir; returns the mesh. Writes nothing."""
+def validate(config, workdir, allow_config_change=()) -> jax.sharding.Mesh:
+  """Checks the config against the devices and the workdir (a resume may change only safe
+  keys and those in `allow_config_change`); returns the mesh. Writes nothing."""
   for key in ("total_steps", "global_batch_size", "seq_len"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key} must be positive, got {config[key]}")
@@ -86,6 +88,7 @@ def validate(config, workdir) -> jax.sharding.Mesh:
   _check_workdir_writable(workdir)
   try:
     workdir_lib.check_resumable(workdir, config)
+    workdir_lib.check_config_change(workdir, config, allow_config_change)
   except workdir_lib.IncompatibleWorkdirError as e:
     raise ConfigError(str(e)) from None
   return mesh
@@ -137,9 +140,13 @@ def _sampling_model(graphdef, state: state_lib.TrainState):
   return nnx.merge(graphdef, state.params if state.ema is None else state.ema, state.rest)
 
 
-def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callable | None = None,
-        make_iterator: Callable | None = None) -> dict:
+def run(config, workdir, *, allow_config_change=(), build_model: Callable | None = None,
+        loss_fn: Callable | None = None, make_iterator: Callable | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
+
+  Process 0 holds WORKDIR's lock (tfx.lock) for the whole run; a busy workdir raises
+  lock.WorkdirBusyError. A resume that changes config keys other than the safe ones
+  raises ConfigError unless `allow_config_change` names them.
 
   build_model / loss_fn / make_iterator default to tfx.model.build_model,
   tfx.losses.transfusion_loss and tfx.data.pipeline.make_iterator.
@@ -147,31 +154,40 @@ def run(config, workdir, *, build_model: Callable | None = None, loss_fn: Callab
   if build_model is None:
     from tfx.model import build_model
     config = resolve(config, workdir)
-  mesh = validate(config, workdir)
+  mesh = validate(config, workdir, allow_config_change)
   if make_iterator is None:
     from tfx.data.pipeline import make_iterator
   is_chief = jax.process_index() == 0
-  if is_chief:
-    workdir_lib.save_config(workdir, config)
-  with jax.set_mesh(mesh):
-    return _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator)
+  reorder = workdir_lib.data_order_changed(workdir_lib.check_config_change(workdir, config, allow_config_change))
+  lock = lock_lib.WorkdirLock(workdir, report=lambda m: print(f"tfx.train: {m}", file=sys.stderr))
+  with lock if is_chief else contextlib.nullcontext():
+    if is_chief:
+      workdir_lib.save_config(workdir, config)
+      if reorder:
+        print(f"tfx.train: {', '.join(reorder)} changed: the data iterator starts afresh, not from "
+              f"its saved position", file=sys.stderr)
+    with jax.set_mesh(mesh):
+      return _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator, not reorder)
 
 
-def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator) -> dict:
+def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator, restore_data=True) -> dict:
   tx = optim.make_optimizer(config)
   factory = state_lib.StateFactory(config, tx, mesh, build_model)
   iterator = make_iterator(config, split="train", process_index=jax.process_index(),
                            process_count=jax.process_count())
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if start is None:
+  target = factory.abstract_with_shardings().checkpoint_items()
+  restored = checkpointer.restore_newest(  # a damaged newest checkpoint falls back to the one before
+      lambda step: checkpointer.restore(step, target, iterator if restore_data else None),
+      report=lambda m: print(f"tfx.train: {m}", file=sys.stderr) if is_chief else None,
+      move_aside=is_chief)
+  if restored is None:
     state = _init_state(config, factory)
     start = 0
     if config.init_from and is_chief:
       print(f"initialized the params from {config.init_from}", file=sys.stderr)
   else:
-    target = factory.abstract_with_shardings().checkpoint_items()
-    items = checkpointer.restore(start, target, iterator)
+    start, items = restored
     state = factory.init_rest().replace_from_checkpoint(items)
     if is_chief:
       print(f"resumed from the checkpoint at step {start} in {workdir}", file=sys.stderr)

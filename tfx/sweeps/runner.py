@@ -36,7 +36,7 @@ def eval_path(workdir: str, step: int) -> str:
 def is_finished(workdir: str, config, steps: list[int]) -> bool:
   """total_steps reached and every evaluation written."""
   return (all(fs.exists(eval_path(workdir, s)) for s in steps)
-          and restore.latest_step(workdir) == config.total_steps)
+          and max(restore.checkpoint_steps(workdir), default=None) == config.total_steps)
 
 
 def evaluate(workdir: str, step: int, options: suite.Options, generators: dict | None = None) -> str:
