@@ -103,8 +103,11 @@ def edit_example(source_NP: np.ndarray, instruction_ids, target_NP: np.ndarray, 
   first = image_text_example([], source_NP, tok, caption_first=False, eos=False, compact=compact)
   second = image_text_example(instruction_ids, target_NP, tok, bos=False, compact=compact)
   second["image_ids"] = second["image_ids"] * 2
-  out = {k: np.concatenate([first[k], second[k]]) for k in first if k != "splittable"}
+  scalars = ("splittable", "num_images", "patch_start")   # patch_start: one pair's run, not two
+  out = {k: np.concatenate([first[k], second[k]]) for k in first if k not in scalars}
   out["splittable"] = np.asarray(False)
+  if compact:
+    out["num_images"] = np.asarray(int(first["num_images"]) + int(second["num_images"]))
   return out
 
 

@@ -88,7 +88,7 @@ def _add(rng, combos) -> Edit | None:
   c, s = others[rng.integers(len(others))]
   relation = shapes.RELATIONS[rng.integers(len(shapes.RELATIONS))]
   for _ in range(200):
-    b = shapes._place(rng, c, s, 12, 20)
+    b = shapes._place(rng, c, s, "relation")
     if shapes._boxes_apart(a, b) and shapes.relation_holds(a, b, relation, _MARGIN):
       return Edit("add", source, f"add {shapes._a(c, s)}", shapes.Spec("relation", (a, b), relation), (0,))
   return None
