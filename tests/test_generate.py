@@ -10,6 +10,7 @@ from PIL import Image
 
 from tfx import config as tfx_config
 from tfx import generate, record
+from tfx.generation import kernels
 from tfx import model as model_lib
 from tfx.data import examples, shapes
 from tfx.data import tokenizer as tokenizer_lib
@@ -37,7 +38,7 @@ def gen(tok):
   return generate.Generator(c, model_lib.build_model(c, nnx.Rngs(0)), tokenizer=tok)
 
 
-_forward = jax.jit(generate._forward, static_argnums=0)
+_forward = jax.jit(kernels.forward, static_argnums=0)
 
 
 def full_forward(gen, batch, t_BL=None, cache=None):
@@ -78,13 +79,13 @@ def check_cached_denoise_step(gen):
   pieces = [gen.image_start_piece(gen.tokenizer.encode(p), bos=True) for p in PROMPTS]
   _, cache, lengths_B, Lp = gen._prefill_prompts(pieces, n + 1)
   ucache, ulengths_B = gen._unconditional_cache(2, cache.max_len, Lp)
-  both = generate._stack_caches(cache, ucache)
+  both = kernels.stack_caches(cache, ucache)
   start_X = jnp.asarray(np.concatenate([lengths_B, ulengths_B]))
   x_XnP = jax.random.normal(jax.random.PRNGKey(1), (4, n, P))
   t_Xn = jnp.full((4, n), 700.0)
-  cached = full_forward(gen, generate._image_batch(x_XnP, start_X, 1, 0), t_Xn, both)[1]
+  cached = full_forward(gen, kernels.image_batch(x_XnP, start_X, 1, 0), t_Xn, both)[1]
   prefix, _ = generate.left_pad(pieces + [gen.image_start_piece([], bos=True)] * 2, Lp)
-  image = generate._image_batch(x_XnP, start_X, 1, 0)
+  image = kernels.image_batch(x_XnP, start_X, 1, 0)
   batch = {k: jnp.concatenate([jnp.asarray(prefix[k]), image[k]], axis=1) for k in image}
   t_XL = jnp.concatenate([jnp.zeros((4, Lp)), t_Xn], axis=1)
   np.testing.assert_allclose(cached, full_forward(gen, batch, t_XL)[1][:, Lp:], atol=1e-5, rtol=0)
@@ -97,7 +98,7 @@ def test_cached_denoise_step_matches_full_forward(gen):
   pieces, cache, lengths_B, Lp, both, start_X, x_XnP, prefix = check_cached_denoise_step(gen)
 
   # the whole guided loop, cached vs recomputing the prefix at every step
-  keys = generate._index_keys(0, 0, 2)
+  keys = kernels.index_keys(0, 0, 2)
   args = dict(steps=3, sampler="ddpm", prediction="v", guided=True, pad_id=0)
   fast = gen._denoise(gen.params, gen.schedule, both, x_XnP[:2], start_X, jnp.int32(1), keys, jnp.float32(3.0),
                       **args)

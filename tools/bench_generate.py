@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tfx import generate
+from tfx.generation import kernels, prompts
+from tfx.generation.engine import Generator
 from tfx import model as model_lib
 
 
@@ -68,7 +69,7 @@ def cache_speedup(gen, steps: int, repeats: int, lengths=(16, 128, 1024)) -> Non
   for length in lengths:
     ids = rng.integers(6, tok.vocab_size, length - 2).tolist()  # BOS + ids + BOI = `length` tokens
     piece = gen.image_start_piece(ids, bos=True)
-    keys = generate._index_keys(0, 0, 1)
+    keys = kernels.index_keys(0, 0, 1)
     x_T = jax.random.normal(keys[0], (1, n, P))
     cfg = jnp.float32(3.0)
     args = dict(steps=steps, sampler="ddim", prediction=gen.prediction, guided=True, pad_id=tok.pad_id)
@@ -76,12 +77,12 @@ def cache_speedup(gen, steps: int, repeats: int, lengths=(16, 128, 1024)) -> Non
     def cached():
       _, cache, lengths_B, Lp = gen._prefill_prompts([piece], n)
       ucache, ulengths = gen._unconditional_cache(1, cache.max_len, Lp)
-      both = generate._stack_caches(cache, ucache)
+      both = kernels.stack_caches(cache, ucache)
       start = jnp.asarray(np.concatenate([lengths_B, ulengths]))
       return gen._denoise(gen.params, gen.schedule, both, x_T, start, jnp.int32(1), keys, cfg, **args)
 
-    Lp = generate._bucket(length)
-    prefix, lengths_B = generate.left_pad([piece, gen.image_start_piece([], bos=True)], Lp)
+    Lp = prompts.bucket(length)
+    prefix, lengths_B = prompts.left_pad([piece, gen.image_start_piece([], bos=True)], Lp)
     prefix = {k: jnp.asarray(v) for k, v in prefix.items()}
     start = jnp.asarray(lengths_B)
 
@@ -110,7 +111,7 @@ def main() -> None:
   model = model_lib.build_model(config, nnx.Rngs(0))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"{args.config}:{args.config_arg} params {params / 1e6:.2f}M, devices {jax.devices()}", flush=True)
-  gen = generate.Generator(config, model)
+  gen = Generator(config, model)
   if not args.skip_per_image:
     per_image(gen, args.batch, args.repeats)
   if not args.skip_speedup:
