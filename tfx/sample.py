@@ -3,6 +3,9 @@
   --prompt "a red circle" --num 8 --out DIR   PNGs + grid.png
   --prompts_file FILE --out DIR               PNGs + DIR/manifest.jsonl
   --image A.png [B.jpg ...]                   one JSON line {"image", "caption"} each
+  --interleaved PROMPT.json --out DIR         continues a document of text and images:
+      PROMPT.json is a list of {"text": "..."} / {"image": "a.png"} (paths relative to the file);
+      DIR/document.jsonl gets the prompt's and the new pieces in order, new images as DIR/NNNNN.png
   --mesh fsdp=8 (or data=2,fsdp=2,tensor=2)   params sharded over a device mesh as in training
 """
 import argparse
@@ -26,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   mode.add_argument("--prompt", help="one caption to draw --num images for")
   mode.add_argument("--prompts_file", help="text file, one caption per line")
   mode.add_argument("--image", nargs="+", metavar="PATH", help="PNG/JPEG images to caption")
+  mode.add_argument("--interleaved", metavar="PROMPT.json", help="a prompt of text and images to continue")
   p.add_argument("--num", type=int, default=4, help="images per --prompt")
   p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file)")
   p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
@@ -33,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: config)")
   p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: config")
   p.add_argument("--temperature", type=float, default=0.0, help="caption sampling; 0 = greedy")
-  p.add_argument("--max_tokens", type=int, default=32, help="longest caption in tokens")
+  p.add_argument("--max_tokens", type=int, default=32, help="longest caption (--interleaved: all text) in tokens")
+  p.add_argument("--max_images", type=int, default=1, help="--interleaved: most images to generate")
   p.add_argument("--batch_size", type=int, default=16, help="prompts or images per device batch")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--no_ema", action="store_true", help="use raw params even if EMA params exist")
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.prompt is not None and not args.prompt.strip():
     p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
   if args.image is None and not args.out:
-    p.error("--out DIR is required with --prompt / --prompts_file")
+    p.error("--out DIR is required with --prompt / --prompts_file / --interleaved")
   for name in ("num", "batch_size", "max_tokens"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -52,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--steps must be >= 1, got {args.steps}")
   if args.temperature < 0:
     p.error(f"--temperature must be >= 0, got {args.temperature}")
+  if args.max_images < 0:
+    p.error(f"--max_images must be >= 0, got {args.max_images}")
   return args
 
 
@@ -139,6 +146,54 @@ def _caption(gen, paths: list[str], images: list[np.ndarray], args) -> None:
     print(json.dumps({"image": path, "caption": caption}), flush=True)
 
 
+DOCUMENT = "document.jsonl"
+
+
+def read_interleaved(path: str) -> list[dict]:
+  """The pieces of an --interleaved prompt file, image paths resolved and images read."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      pieces = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UsageError(f"cannot read --interleaved {path}: {e}") from None
+  if not isinstance(pieces, list) or not pieces:
+    raise UsageError(f'--interleaved {path} must hold a non-empty JSON list of {{"text": ...}} / {{"image": ...}}')
+  out = []
+  for i, piece in enumerate(pieces):
+    if not (isinstance(piece, dict) and len(piece) == 1 and isinstance(piece.get("text", piece.get("image")), str)):
+      raise UsageError(f'--interleaved {path}: piece {i} is not {{"text": "..."}} or {{"image": "path"}}: {piece!r}')
+    if "image" in piece:
+      image_path = os.path.join(os.path.dirname(path), piece["image"])
+      out.append({"image": read_images([image_path])[0], "path": image_path})
+    else:
+      out.append(piece)
+  if not any(p.get("text", "x") for p in out):
+    raise UsageError(f"--interleaved {path}: every piece is empty text")
+  return out
+
+
+def _interleaved(gen, pieces: list[dict], args) -> None:
+  out = args.out
+  new = gen.generate([{k: p[k] for k in ("text", "image") if k in p} for p in pieces], seed=args.seed,
+                     max_tokens=args.max_tokens, max_images=args.max_images, temperature=args.temperature,
+                     steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+  os.makedirs(out, exist_ok=True)
+  names = [f"{i:05d}.png" for i in range(sum(not isinstance(x, str) for x in new))]
+  _check_out(out, names + [DOCUMENT])
+  lines = [{"text": p["text"]} if "text" in p else {"image": p["path"]} for p in pieces]
+  lines = [dict(line, generated=False) for line in lines]
+  for x in new:
+    if isinstance(x, str):
+      lines.append({"text": x, "generated": True})
+    else:
+      name = names[sum("image" in line and line["generated"] for line in lines)]
+      _save_png(os.path.join(out, name), x)
+      lines.append({"image": name, "generated": True})
+  with open(os.path.join(out, DOCUMENT), "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+  _log(f"wrote {len(new)} new pieces ({len(names)} images) to {os.path.join(out, DOCUMENT)}")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from absl import logging as absl_logging
@@ -147,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     # every check that needs no model runs before the (slow) checkpoint restore
     if args.image:
       images = read_images(args.image)
+    elif args.interleaved:
+      pieces = read_interleaved(args.interleaved)
+      _check_out(args.out, [DOCUMENT])
     else:
       prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
       _check_out(args.out, _output_names(len(prompts), manifest=bool(args.prompts_file)))
@@ -169,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"cannot set up generation for {args.workdir}: {e}") from None
       if args.image:
         _caption(gen, args.image, images, args)
+      elif args.interleaved:
+        _interleaved(gen, pieces, args)
       else:
         _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
   except UsageError as e:

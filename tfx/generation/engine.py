@@ -19,7 +19,7 @@ from flax import nnx
 from tfx import diffusion, patching
 from tfx.generation import kernels
 from tfx.generation.images import ImageReadError, load_image, to_uint8
-from tfx.generation.prompts import bucket, concat_pieces, left_pad
+from tfx.generation.prompts import bucket, concat_pieces, left_pad, right_pad
 
 
 def _round_up(x: int, m: int) -> int:
@@ -53,9 +53,12 @@ class Generator:
     self._decode = jax.jit(functools.partial(kernels.decode, g, patch_dim=self.patch_dim, pad_id=pad),
                            static_argnames=("max_new", "temperature", "top_k", "top_p"))
     statics = ("steps", "sampler", "prediction", "guided", "pad_id")
-    self._denoise = jax.jit(functools.partial(kernels.denoise_cached, g), static_argnames=statics)
+    self._denoise = jax.jit(functools.partial(kernels.denoise_cached, g), static_argnames=statics + ("read_only",))
     self._denoise_recompute = jax.jit(functools.partial(kernels.denoise_recompute, g), static_argnames=statics)
     self._commit = jax.jit(functools.partial(kernels.commit_image, g, eoi_id=tok.eoi_id, pad_id=pad))
+    self._prefill_rows = jax.jit(functools.partial(kernels.prefill_rows, g))
+    self._decode_rows = jax.jit(functools.partial(kernels.decode_rows, g, patch_dim=self.patch_dim, pad_id=pad),
+                                static_argnames=("max_new", "temperature", "top_k", "top_p"))
     self._log_probs = jax.jit(functools.partial(kernels.log_probs, g))
     # made inside jit so that, on a mesh, each device only ever holds its shard
     self._init_cache = jax.jit(lambda batch, max_len: kernels.shard_cache(model.init_cache(batch, max_len)),
@@ -236,61 +239,119 @@ class Generator:
         banned=self._text_only, stop=self._eos, temperature=temperature, top_k=top_k, top_p=top_p)
     return [self._text_until(row) for row in tokens_BT]
 
-  def generate(self, prompt: list, *, seed: int = 0, max_tokens: int = 64, max_images: int = 1,
-               image_next: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               steps=None, cfg_scale=None, sampler=None) -> list:
-    """Continues one interleaved prompt: text (str) and images (uint8 [H, W, 3]), any order.
+  def generate(self, prompt: list, **kwargs) -> list:
+    """Continues one interleaved prompt (see `generate_batch`, which this is with one row)."""
+    return self.generate_batch([prompt], **kwargs)[0]
 
-    Text is decoded until EOS or `max_tokens`; each BOI it produces (or that
-    `image_next` forces) is followed by a denoised image, up to `max_images`.
-    Returns the new segments in order: str for text, uint8 [H, W, 3] for images.
-    """
+  def _interleaved_fields(self, prompt: list, image_next: bool) -> dict[str, np.ndarray]:
+    """A prompt of text and images (items as `generate_batch` takes them) as record fields."""
     pieces = []
     for item in prompt:
+      if isinstance(item, dict):
+        if len(item) != 1 or not {"text", "image"} >= set(item):
+          raise ValueError(f'a prompt piece is {{"text": ...}} or {{"image": ...}}, got keys {sorted(item)}')
+        if not isinstance(item.get("text", ""), str):
+          raise ValueError(f"a text piece must be a string, got {type(item['text']).__name__}")
+        item = item["text"] if "text" in item else [item["image"]]
       if isinstance(item, str):
         if item:
           pieces.append(self.text_piece(item, bos=not pieces))
-      else:
-        pieces.append(self.image_piece(self.image_patches([item])[0], bos=not pieces))
+      else:  # an image array, or a one-item list holding an {"image": ...} value
+        pieces.append(self.image_piece(self.image_patches(item if isinstance(item, list) else [item])[0],
+                                       bos=not pieces))
     if not pieces:
       raise ValueError("the prompt is empty: give at least one non-empty text or an image")
-    if image_next and max_images < 1:
-      raise ValueError("image_next needs max_images >= 1")
     if image_next:
       pieces.append(self.image_start_piece([], bos=False))
-    prompt_fields = concat_pieces(pieces)
-    n, tok = self.num_patches, self.tokenizer
-    images_so_far = int(prompt_fields["image_ids"].max())
-    logits_BV, cache, lengths_B, length = self._prefill_prompts(
-        [prompt_fields], max_tokens + max_images * (n + 1))
-    pos, last, rng = int(lengths_B[0]), int(prompt_fields["tokens"][-1]), jax.random.PRNGKey(seed)
-    out, made, tokens_left = [], 0, max_tokens
-    while True:
-      if last == tok.boi_id and made < max_images:
-        rng, key = jax.random.split(rng)
-        image_id = images_so_far + made + 1
-        x0_BnP = self.denoise_image(cache, np.array([pos], np.int32), length, image_id, key[None],
-                                    steps=steps, cfg_scale=cfg_scale, sampler=sampler)
-        logits_BV, cache = self._commit(self.params, cache, x0_BnP, jnp.array([pos], jnp.int32),
-                                        jnp.int32(image_id))
-        out.append(self.patches_to_images(x0_BnP)[0])
-        made, pos, length, last = made + 1, pos + n + 1, length + n + 1, tok.eoi_id
+    return concat_pieces(pieces)
+
+  def generate_batch(self, prompts: list[list], *, seed: int = 0, first_index: int = 0, max_tokens: int = 64,
+                     max_images: int = 1, image_next: bool = False, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, steps=None, cfg_scale=None, sampler=None, batch_size: int = 16) -> list:
+    """Continues interleaved prompts of text and images in any order, `batch_size` per compiled call.
+
+    Items are str or {"text": str} for text, uint8 [H, W, 3] or {"image": array or
+    PNG/JPEG path} for images. Text is decoded until EOS or `max_tokens`; each BOI
+    it produces (or that `image_next` forces) is followed by an image denoised
+    against the whole cached context (guidance's other branch is the empty caption
+    `BOS BOI`, what caption dropout trains), committed to the cache, and decoding
+    goes on, up to `max_images` images. Every row has its own cache length and
+    PRNG stream (seed, first_index + i), so a row's output does not depend on its
+    batch-mates. Returns per prompt the new segments in order: str for text,
+    uint8 [H, W, 3] for images.
+    """
+    steps, cfg_scale, sampler = self._sampling_args(steps, cfg_scale, sampler)
+    if image_next and max_images < 1:
+      raise ValueError("image_next needs max_images >= 1")
+    fields = [self._interleaved_fields(p, image_next) for p in prompts] if prompts else []
+
+    def run(chunk, first):
+      return self._generate_rows(chunk, kernels.index_keys(seed, first_index + first, len(chunk)),
+                                 max_tokens=max_tokens, max_images=max_images, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+    return self._in_batches(fields, batch_size, run)
+
+  def _row_cache(self, batch: int, capacity: int):
+    cache = self._empty_cache(batch, capacity)
+    return dataclasses.replace(cache, length=jnp.zeros((batch,), jnp.int32))
+
+  def _generate_rows(self, fields: list[dict], keys_B, *, max_tokens, max_images, temperature, top_k, top_p,
+                     steps, cfg_scale, sampler) -> list[list]:
+    n, tok, B = self.num_patches, self.tokenizer, len(fields)
+    Lp = bucket(max(len(f["tokens"]) for f in fields))
+    batch, lengths_B = right_pad(fields, Lp)
+    capacity = _round_up(Lp + max_tokens + max_images * (n + 1), 64)
+    logits_BV, cache = self._prefill_rows(self.params, batch, jnp.asarray(lengths_B), self._row_cache(B, capacity))
+    guided = cfg_scale != 1.0
+    if guided:  # the unconditional branch `BOS BOI` of every row, cached once
+      upiece = self.image_start_piece([], bos=True)
+      ubatch, ulengths = right_pad([upiece] * B, len(upiece["tokens"]))
+      ucache = self._prefill_rows(self.params, ubatch, jnp.asarray(ulengths), self._row_cache(B, capacity))[1]
+    last_B = np.array([f["tokens"][-1] for f in fields])
+    images_B = np.array([f["image_ids"].max() for f in fields], np.int32)
+    made_B, left_B = np.zeros(B, np.int32), np.full(B, max_tokens, np.int32)
+    finished_B, out = np.zeros(B, bool), [[] for _ in range(B)]
+    while not finished_B.all():
+      wants_image_B = ~finished_B & (last_B == tok.boi_id) & (made_B < max_images)
+      if wants_image_B.any():
+        split = jax.vmap(jax.random.split)(keys_B)
+        active = jnp.asarray(wants_image_B)
+        keys_B = jnp.where(active[:, None], split[:, 0], keys_B)
+        image_id_B = jnp.asarray(images_B + made_B + 1)
+        x_T_BnP, step_keys = kernels.initial_noise(split[:, 1], (n, self.patch_dim))
+        both, start_X = cache, cache.length
+        if guided:
+          both, start_X = kernels.stack_caches(cache, ucache), jnp.concatenate([cache.length, ucache.length])
+        x0_BnP = self._denoise(self.params, self.schedule, both, x_T_BnP, start_X,
+                               jnp.concatenate([image_id_B, jnp.ones_like(image_id_B)]) if guided else image_id_B,
+                               step_keys, jnp.float32(cfg_scale), steps=steps, sampler=sampler,
+                               prediction=self.prediction, guided=guided, pad_id=tok.pad_id)
+        new_BV, cache = self._commit(self.params, cache, x0_BnP, cache.length, image_id_B, active_B=active)
+        logits_BV = jnp.where(active[:, None], new_BV, logits_BV)
+        images = self.patches_to_images(x0_BnP)
+        for b in np.flatnonzero(wants_image_B):
+          out[b].append(images[b])
+        made_B, last_B = made_B + wants_image_B, np.where(wants_image_B, tok.eoi_id, last_B)
         continue
-      if tokens_left <= 0 or last == tok.eos_id:
+      texting_B = ~finished_B & (last_B != tok.eos_id) & (left_B > 0)
+      finished_B |= ~texting_B
+      if not texting_B.any():
         break
-      rng, key = jax.random.split(rng)
-      banned = self._text_or_image if made < max_images else self._text_only
-      tokens_BT, taken, cache, logits_BV = self._decode_text(
-          cache, logits_BV, [pos], key, limit=tokens_left, max_new=max_tokens, banned=banned,
-          stop=self._eos_or_boi, temperature=temperature, top_k=top_k, top_p=top_p)
-      ids = tokens_BT[0, :taken]
-      text = self._text_until(ids)
-      if text:
-        out.append(text)
-      tokens_left, pos, length = tokens_left - taken, pos + taken, length + taken
-      if taken == 0:
-        break
-      last = int(ids[-1])
+      banned_BV = jnp.where(jnp.asarray(made_B < max_images)[:, None], self._text_or_image[None], self._text_only[None])
+      tokens_BT, taken_B, cache, logits_BV, keys_B = self._decode_rows(
+          self.params, cache, logits_BV, keys_B, jnp.asarray(texting_B), jnp.asarray(left_B), banned_BV,
+          self._eos_or_boi, max_new=max_tokens, temperature=float(temperature), top_k=int(top_k),
+          top_p=float(top_p))
+      tokens_BT, taken_B = np.asarray(tokens_BT), np.asarray(taken_B)
+      for b in np.flatnonzero(texting_B):
+        ids = tokens_BT[b, :taken_B[b]]
+        text = self._text_until(ids)
+        if text:
+          out[b].append(text)
+        if len(ids):
+          last_B[b] = ids[-1]
+      left_B -= taken_B
+      finished_B |= texting_B & (taken_B == 0)
     return out
 
   def log_likelihood(self, texts: list[str], *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:

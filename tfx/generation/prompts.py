@@ -25,6 +25,16 @@ def concat_pieces(pieces: list[dict]) -> dict[str, np.ndarray]:
 
 def left_pad(prompts: list[dict], length: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Stacks prompts right-aligned in [B, length] (segment 0 before them); returns (batch, lengths_B)."""
+  return _stack(prompts, length, right_aligned=True)
+
+
+def right_pad(prompts: list[dict], length: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Stacks prompts left-aligned in [B, length] (segment 0 after them), so each starts at slot 0
+  whatever its batch-mates; returns (batch, lengths_B)."""
+  return _stack(prompts, length, right_aligned=False)
+
+
+def _stack(prompts: list[dict], length: int, right_aligned: bool):
   B, P = len(prompts), prompts[0]["patches"].shape[-1]
   batch = {k: np.zeros((B, length) + ((P,) if k == "patches" else ()), record.FIELDS[k])
            for k in PROMPT_FIELDS + ("segment_ids", "positions")}
@@ -32,8 +42,9 @@ def left_pad(prompts: list[dict], length: int) -> tuple[dict[str, np.ndarray], n
   for b, (p, n) in enumerate(zip(prompts, lengths_B)):
     if n > length:
       raise ValueError(f"prompt of {n} positions does not fit in {length}")
+    at = slice(length - n, length) if right_aligned else slice(0, n)
     for k in PROMPT_FIELDS:
-      batch[k][b, length - n:] = p[k]
-    batch["segment_ids"][b, length - n:] = 1
-    batch["positions"][b, length - n:] = np.arange(n)
+      batch[k][b, at] = p[k]
+    batch["segment_ids"][b, at] = 1
+    batch["positions"][b, at] = np.arange(n)
   return batch, lengths_B
