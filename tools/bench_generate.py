@@ -168,7 +168,12 @@ def main() -> None:
   model = model_lib.build_model(config, nnx.Rngs(0))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"{args.config}:{args.config_arg} params {params / 1e6:.2f}M, devices {jax.devices()}", flush=True)
-  gen = Generator(config, model)
+  autoencoder = None
+  if args.peer:  # 16-channel latents and no autoencoder: the peer workload times denoising, never decodes
+    from tfx.autoencoder import PixelAutoencoder
+    autoencoder = PixelAutoencoder()
+    autoencoder.latent_channels = config.autoencoder.latent_channels
+  gen = Generator(config, model, autoencoder=autoencoder)
   if args.peer:
     peer_workload(gen, args.repeats)
     return

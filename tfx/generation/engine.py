@@ -151,7 +151,8 @@ class Generator:
     x_T_BnP, step_keys = kernels.initial_noise(keys_B, (self.num_patches, self.patch_dim))
     return self._denoise(self.params, self.schedule, cache, x_T_BnP, jnp.asarray(start_B, jnp.int32),
                          jnp.int32(image_id), step_keys, jnp.float32(cfg_scale), steps=steps, sampler=sampler,
-                         prediction=self.prediction, guided=guided, pad_id=self.tokenizer.pad_id)
+                         prediction=self.prediction, guided=guided, pad_id=self.tokenizer.pad_id,
+                         read_only=bool(self.config.diffusion.read_only_cache))
 
   def _prefill_prompts(self, prompts: list[dict], extra: int):
     """Left-pads and caches prompts; returns (logits of each last position, cache, lengths_B, padded length)."""
