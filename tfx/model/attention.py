@@ -26,7 +26,8 @@ over [cached prefix ; themselves] with the rule above in those absolute
 indices (every cached key precedes every new query, so only the segment test
 matters for them). The returned cache has length + L. Calls are pure: to
 denoise an image against a fixed prefix, call the model on the image's n
-patches with the SAME prefix cache at every step and drop the returned cache;
+patches with the SAME prefix cache at every step and drop the returned cache
+(or pass read_only=True: the step attends to [cache ; itself] and writes nothing);
 commit the image (one more call on its final patches) only when it is done.
 `cache.length` may also hold one length per row: each row then writes at its own
 offset (rows that generate different amounts keep their own contiguous layout).

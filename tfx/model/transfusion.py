@@ -146,8 +146,7 @@ class Transfusion(nnx.Module):
 
   def _run_blocks_read_only(self, step, x_BLD, positions_BL, segment_BL, horizon_BL, cache):
     """The blocks on a chunk placed after the cache, reading the cache and never writing it: a
-    denoising step at a 1024-token prefix spent most of its time copying the buffer to write
-    its own patches into it (see docs/evaluation.md, generation speed)."""
+    denoising step that writes its patches pays for a copy of the whole buffer (docs/generation.md)."""
     mask = attention.read_only_mask(segment_BL, horizon_BL, cache.segment_ids_BS)
     if self.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,
