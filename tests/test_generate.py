@@ -10,6 +10,7 @@ from PIL import Image
 
 from tfx import config as tfx_config
 from tfx import generate, record
+from tfx.generation import kernels
 from tfx import model as model_lib
 from tfx.data import examples, shapes
 from tfx.data import tokenizer as tokenizer_lib
@@ -37,13 +38,14 @@ def gen(tok):
   return generate.Generator(c, model_lib.build_model(c, nnx.Rngs(0)), tokenizer=tok)
 
 
-_forward = jax.jit(generate._forward, static_argnums=0)
+_forward = jax.jit(kernels.forward, static_argnums=0, static_argnames="read_only")
 
 
-def full_forward(gen, batch, t_BL=None, cache=None):
+def full_forward(gen, batch, t_BL=None, cache=None, read_only=False):
   """The model on a whole batch (jitted, so each shape compiles once)."""
   t_BL = jnp.zeros(batch["tokens"].shape, jnp.float32) if t_BL is None else t_BL
-  return _forward(gen.graphdef, gen.params, {k: jnp.asarray(v) for k, v in batch.items()}, t_BL, cache)
+  return _forward(gen.graphdef, gen.params, {k: jnp.asarray(v) for k, v in batch.items()}, t_BL, cache,
+                  read_only=read_only)
 
 
 def with_tokens(gen, piece, ids):
@@ -78,13 +80,17 @@ def check_cached_denoise_step(gen):
   pieces = [gen.image_start_piece(gen.tokenizer.encode(p), bos=True) for p in PROMPTS]
   _, cache, lengths_B, Lp = gen._prefill_prompts(pieces, n + 1)
   ucache, ulengths_B = gen._unconditional_cache(2, cache.max_len, Lp)
-  both = generate._stack_caches(cache, ucache)
+  both = kernels.stack_caches(cache, ucache)
   start_X = jnp.asarray(np.concatenate([lengths_B, ulengths_B]))
   x_XnP = jax.random.normal(jax.random.PRNGKey(1), (4, n, P))
   t_Xn = jnp.full((4, n), 700.0)
-  cached = full_forward(gen, generate._image_batch(x_XnP, start_X, 1, 0), t_Xn, both)[1]
+  cached = full_forward(gen, kernels.image_batch(x_XnP, start_X, 1, 0), t_Xn, both)[1]
+  # a read-only step (the cache is read, never written) equals the step that writes its patches
+  read_only, unchanged = full_forward(gen, kernels.image_batch(x_XnP, start_X, 1, 0), t_Xn, both, read_only=True)[1:]
+  np.testing.assert_allclose(read_only, cached, atol=1e-5, rtol=0)
+  assert unchanged.length == both.length
   prefix, _ = generate.left_pad(pieces + [gen.image_start_piece([], bos=True)] * 2, Lp)
-  image = generate._image_batch(x_XnP, start_X, 1, 0)
+  image = kernels.image_batch(x_XnP, start_X, 1, 0)
   batch = {k: jnp.concatenate([jnp.asarray(prefix[k]), image[k]], axis=1) for k in image}
   t_XL = jnp.concatenate([jnp.zeros((4, Lp)), t_Xn], axis=1)
   np.testing.assert_allclose(cached, full_forward(gen, batch, t_XL)[1][:, Lp:], atol=1e-5, rtol=0)
@@ -97,13 +103,16 @@ def test_cached_denoise_step_matches_full_forward(gen):
   pieces, cache, lengths_B, Lp, both, start_X, x_XnP, prefix = check_cached_denoise_step(gen)
 
   # the whole guided loop, cached vs recomputing the prefix at every step
-  keys = generate._index_keys(0, 0, 2)
+  keys = kernels.index_keys(0, 0, 2)
   args = dict(steps=3, sampler="ddpm", prediction="v", guided=True, pad_id=0)
   fast = gen._denoise(gen.params, gen.schedule, both, x_XnP[:2], start_X, jnp.int32(1), keys, jnp.float32(3.0),
                       **args)
   slow = gen._denoise_recompute(gen.params, gen.schedule, {k: jnp.asarray(v) for k, v in prefix.items()},
                                 x_XnP[:2], start_X, jnp.int32(1), keys, jnp.float32(3.0), **args)
   np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=0)
+  writing = gen._denoise(gen.params, gen.schedule, both, x_XnP[:2], start_X, jnp.int32(1), keys, jnp.float32(3.0),
+                         read_only=False, **args)
+  np.testing.assert_allclose(fast, writing, atol=1e-5, rtol=0)
 
   # text after a finished image: commit [patches ; EOI] and compare the next-token logits
   x0_BnP = x_XnP[:2]
@@ -194,7 +203,7 @@ def rigged(gen, token_id: int):
   """The same engine (and compiled programs) with params rigged so greedy decoding always wants
   `token_id`: blocks output zero, every embedding has a large first coordinate, and only that
   token's LM-head column reads it."""
-  model = nnx.merge(gen.graphdef, gen.params)
+  model = nnx.clone(nnx.merge(gen.graphdef, gen.params))  # merge shares the fixture's Variables
   for block in model.blocks:
     block.attn.o.kernel[...] = jnp.zeros_like(block.attn.o.kernel[...])
     block.mlp.down.kernel[...] = jnp.zeros_like(block.mlp.down.kernel[...])
@@ -234,3 +243,116 @@ def test_scan_layers_model_in_the_jitted_loops(tok):
   scan_gen = generate.Generator(c, model_lib.build_model(c, nnx.Rngs(0)), tokenizer=tok)
   assert scan_gen.text_to_image(PROMPTS[:1], steps=2).shape == (1, 16, 16, 3)
   assert isinstance(scan_gen.complete(PROMPTS[:1], max_tokens=3)[0], str)
+
+
+def chained(gen, chain: dict[int, int]):
+  """The engine with params rigged so greedy decoding after token u picks chain[u] (the blocks
+  still run, so images depend on their context): u's embedding has a large coordinate of its own
+  that only chain[u]'s LM-head column reads."""
+  model = nnx.clone(nnx.merge(gen.graphdef, gen.params))  # merge shares the fixture's Variables
+  head = jnp.zeros_like(model.lm_head.kernel[...])
+  for coord, (u, nxt) in enumerate(chain.items()):
+    model.embed.table[...] = model.embed.table[...].at[u, coord].set(100.0)
+    head = head.at[coord, nxt].set(1.0)
+  model.lm_head.kernel[...] = head
+  out = copy.copy(gen)
+  out.load_params(model)
+  return out
+
+
+def uncached_interleaved(gen, prompt_fields, *, seed, max_tokens, steps, cfg_scale):
+  """Greedy interleaved generation the slow way: the whole sequence through the model for every
+  token, the whole prefix at every denoising step (one image, then text to EOS)."""
+  tok, n, P = gen.tokenizer, gen.num_patches, gen.patch_dim
+  seq, key, out, made, left = dict(prompt_fields), kernels.index_keys(seed, 0, 1)[0], [], 0, max_tokens
+  text = []
+  while True:
+    if seq["tokens"][-1] == tok.boi_id and made < 1:
+      if text:
+        out.append(tok.decode(text))
+      text = []
+      key, noise_key = jax.random.split(key)  # a row's stream splits once per image and per token
+      uncond = gen.image_start_piece([], bos=True)
+      prefix, starts = generate.left_pad([seq, uncond], len(seq["tokens"]))
+      x_T, step_keys = kernels.initial_noise(noise_key[None], (n, P))
+      x0 = gen._denoise_recompute(gen.params, gen.schedule, {k: jnp.asarray(v) for k, v in prefix.items()}, x_T,
+                                  jnp.asarray(starts), jnp.int32(seq["image_ids"].max() + 1), step_keys,
+                                  jnp.float32(cfg_scale), steps=steps, sampler="ddim", prediction=gen.prediction,
+                                  guided=True, pad_id=tok.pad_id)
+      image = dict(tokens=np.array([tok.pad_id] * n + [tok.eoi_id], np.int32),
+                   patches=np.concatenate([np.asarray(x0[0]), np.zeros((1, P), np.float32)]),
+                   modality=np.array([record.IMAGE] * n + [record.TEXT], np.int32), image_ids=np.zeros(n + 1, np.int32))
+      seq = generate.concat_pieces([seq, image])
+      out.append(gen.patches_to_images(x0)[0])
+      made += 1
+      continue
+    if left == 0 or seq["tokens"][-1] == tok.eos_id:
+      break
+    key = jax.random.split(key)[0]
+    batch, _ = generate.left_pad([seq], len(seq["tokens"]))
+    logits = np.asarray(full_forward(gen, batch)[0][0, -1])
+    banned = np.asarray(gen._text_or_image if made < 1 else gen._text_only)
+    nxt = int(np.where(banned, -np.inf, logits).argmax())
+    seq = with_tokens(gen, seq, [nxt])
+    left -= 1
+    if nxt not in (tok.eos_id, tok.boi_id):
+      text.append(nxt)
+  if text:
+    out.append(tok.decode(text))
+  return out
+
+
+def test_interleaved_text_image_text_equals_uncached(gen, tok):
+  """A rigged model answers the prompt with a word, BOI, (the image), a word, EOS: the cached
+  engine gives text, an image denoised against the whole context, then text, as the step-by-step
+  uncached computation does."""
+  prompt = [{"text": "a red circle"}]
+  last = tok.encode("a red circle")[-1]
+  w1, w2 = tok.encode("blue")[0], tok.encode("two")[0]
+  rig = chained(gen, {last: w1, w1: tok.boi_id, tok.eoi_id: w2, w2: tok.eos_id})
+  out = rig.generate(prompt, seed=7, max_tokens=6, max_images=1, steps=3, cfg_scale=3.0, sampler="ddim")
+  assert [type(o).__name__ for o in out] == ["str", "ndarray", "str"]
+  assert out[0] == tok.decode([w1]) and out[2] == tok.decode([w2])
+  fields = generate.concat_pieces([gen.text_piece("a red circle", bos=True)])
+  ref = uncached_interleaved(rig, fields, seed=7, max_tokens=6, steps=3, cfg_scale=3.0)
+  assert out[0] == ref[0] and out[2] == ref[2]
+  assert np.abs(out[1].astype(int) - ref[1].astype(int)).max() <= 1  # uint8 rounding of ~1e-5 differences
+  # the image depends on the text before it: another prompt, another image (same seed)
+  other = rig.generate(["two blue squares", {"text": "a red circle"}], seed=7, max_tokens=6, steps=3,
+                       cfg_scale=3.0, sampler="ddim")
+  assert not np.array_equal(other[1], out[1])
+  with pytest.raises(ValueError, match="prompt piece"):
+    gen.generate([{"words": "a"}])
+
+
+def test_a_row_does_not_depend_on_its_batch_mates(gen, tok):
+  """Batched sampling equals one prompt at a time, bit for bit (prompts of different lengths)."""
+  prompts = ["a red circle", "two blue squares to the left of a circle", "one"]
+  together = gen.text_to_image(prompts, seed=2, steps=2, sampler="ddpm")
+  for i, p in enumerate(prompts):
+    np.testing.assert_array_equal(gen.text_to_image([p], seed=2, first_index=i, steps=2, sampler="ddpm")[0],
+                                  together[i])
+  caps = gen.caption(list(together), max_tokens=5)
+  assert caps == [gen.caption([img], max_tokens=5)[0] for img in together]
+
+
+def test_interleaved_batch_equals_one_by_one(gen, tok):
+  """Rows of different lengths that emit their images at different times, in one batch, give what
+  each gives alone, bit for bit (per-row cache lengths and PRNG streams)."""
+  prompts = [["a red circle"], ["two blue squares", {"text": "to the left of"}]]
+  a, b = (tok.encode(" ".join(x if isinstance(x, str) else x["text"] for x in p))[-1] for p in prompts)
+  w1, w2 = tok.encode("blue")[0], tok.encode("two")[0]
+  assert len({a, b, w1, w2, tok.eoi_id}) == 5
+  rig = chained(gen, {a: tok.boi_id, b: w1, w1: w2, w2: tok.boi_id, tok.eoi_id: tok.eos_id})
+  kw = dict(seed=5, max_tokens=6, max_images=1, steps=2, cfg_scale=3.0, sampler="ddpm")
+  together = rig.generate_batch(prompts, **kw)
+  assert [[type(o).__name__ for o in row] for row in together] == [["ndarray"], ["str", "ndarray"]]
+  for i, p in enumerate(prompts):
+    alone = rig.generate_batch([p], first_index=i, **kw)[0]
+    assert len(alone) == len(together[i])
+    for x, y in zip(alone, together[i]):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # sampled text (per-row PRNG streams) and no guidance
+  kw = dict(seed=1, max_tokens=5, max_images=1, temperature=1.0, top_k=8, steps=2, cfg_scale=1.0)
+  together = gen.generate_batch([["a red circle"], ["two"], ["one blue square"]], **kw)
+  assert together[1] == gen.generate(["two"], first_index=1, **kw)

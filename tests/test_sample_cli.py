@@ -94,6 +94,28 @@ def test_long_prompt_is_cut_like_training_and_long_captions_refused(workdir, tmp
   assert code == 2 and "--max_tokens 1000 exceeds the model's context (seq_len 96)" in err
 
 
+def test_interleaved_writes_the_document(workdir, tmp_path, capsys):
+  Image.fromarray(shapes.render(shapes.sample_spec(np.random.default_rng(1)))).save(tmp_path / "a.png")
+  prompt = tmp_path / "prompt.json"
+  prompt.write_text(json.dumps([{"text": "a red circle"}, {"image": "a.png"}, {"text": "two"}]))
+  out = tmp_path / "doc"
+  code, _, err = run_cli(["--workdir", workdir, "--interleaved", str(prompt), "--out", str(out), "--max_tokens", "6",
+                          "--max_images", "1", "--steps", "2"], capsys)
+  assert code == 0, err
+  lines = [json.loads(x) for x in (out / "document.jsonl").read_text().splitlines()]
+  assert lines[:3] == [{"text": "a red circle", "generated": False},
+                       {"image": str(tmp_path / "a.png"), "generated": False}, {"text": "two", "generated": False}]
+  new = lines[3:]
+  assert new and all(x["generated"] for x in new)
+  images = [x["image"] for x in new if "image" in x]
+  assert sorted(os.listdir(out)) == sorted(images + ["document.jsonl"])
+  for bad, message in (('[{"text": 1}]', "piece 0"), ('{"text": "a"}', "non-empty JSON list"),
+                       ('[{"image": "missing.png"}]', "cannot read image")):
+    prompt.write_text(bad)
+    code, _, err = run_cli(["--workdir", workdir, "--interleaved", str(prompt), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -140,8 +162,9 @@ def one_device_outputs(workdir):
 def _generate(gen):
   import unittest.mock
   from tfx import generate
+  from tfx.generation import engine
   prompts = ["a red circle", "two blue squares", "a green triangle", "a red circle"]
-  with unittest.mock.patch.object(generate, "to_uint8", lambda x: np.asarray(x, np.float32)):
+  with unittest.mock.patch.object(engine, "to_uint8", lambda x: np.asarray(x, np.float32)):
     images = gen.text_to_image(prompts, seed=3, steps=2, cfg_scale=2.5, sampler="ddpm", batch_size=4)
   captions = gen.caption(generate.to_uint8(images), max_tokens=6, batch_size=4)
   return images, captions

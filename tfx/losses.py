@@ -65,6 +65,12 @@ def diffusion_sum(out_BLP, target_BLP, weight_BL, image_ids_BL, modality_BL):
   return jnp.sum(jnp.where(present_BI, mean_BI, 0.0)), present_BI.sum().astype(jnp.float32)
 
 
+def token_log_probs(logits_BLV, targets_BL):
+  """log p(target) per position under the logits (fp32): for scoring, where [B, L, V] fits."""
+  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+
+
 def _nll_sum(head, h_BCD, targets_BC, mask_BC):
   """Sum over mask of -log p(target): one chunk's logits live only inside this function."""
   logits_BCV = mesh.constrain(head(h_BCD).astype(jnp.float32), _LOGITS)

@@ -4,6 +4,9 @@
   --prompts_file FILE --out DIR               PNGs + DIR/manifest.jsonl
   --image A.png [B.jpg ...]                   one JSON line {"image", "caption"} each
   --edit A.png --instruction TEXT --out DIR   --num edited images + grid.png (source first)
+  --interleaved PROMPT.json --out DIR         continues a document of text and images:
+      PROMPT.json is a list of {"text": "..."} / {"image": "a.png"} (paths relative to the file);
+      DIR/document.jsonl gets the prompt's and the new pieces in order, new images as DIR/NNNNN.png
   --mesh fsdp=8 (or data=2,fsdp=2,tensor=2)   params sharded over a device mesh as in training
   --coordinator_address H:P --num_processes N --process_id I   several processes as one program
                                               (as tfx.train); only process 0 writes or prints
@@ -32,15 +35,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   mode.add_argument("--prompts_file", help="text file, one caption per line")
   mode.add_argument("--image", nargs="+", metavar="PATH", help="PNG/JPEG images to caption")
   mode.add_argument("--edit", metavar="PATH", help="PNG/JPEG image to edit by --instruction")
+  mode.add_argument("--interleaved", metavar="PROMPT.json", help="a prompt of text and images to continue")
   p.add_argument("--instruction", help="with --edit: what to change, e.g. 'make the red circle blue'")
   p.add_argument("--num", type=int, default=4, help="images per --prompt or --edit")
-  p.add_argument("--out", help="output folder for PNGs (required with --prompt/--prompts_file/--edit)")
+  p.add_argument("--out", help="output folder (required with --prompt/--prompts_file/--edit/--interleaved)")
   p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
   p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
   p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: config)")
   p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: config")
   p.add_argument("--temperature", type=float, default=0.0, help="caption sampling; 0 = greedy")
-  p.add_argument("--max_tokens", type=int, default=32, help="longest caption in tokens")
+  p.add_argument("--max_tokens", type=int, default=32, help="longest caption (--interleaved: all text) in tokens")
+  p.add_argument("--max_images", type=int, default=1, help="--interleaved: most images to generate")
   p.add_argument("--batch_size", type=int, default=16, help="prompts or images per device batch")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--no_ema", action="store_true", help="use raw params even if EMA params exist")
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.prompt is not None and not args.prompt.strip():
     p.error("--prompt is empty; give a caption such as --prompt 'a red circle'")
   if args.image is None and not args.out:
-    p.error("--out DIR is required with --prompt / --prompts_file / --edit")
+    p.error("--out DIR is required with --prompt / --prompts_file / --edit / --interleaved")
   if (args.edit is None) != (args.instruction is None) or (args.instruction is not None
                                                             and not args.instruction.strip()):
     p.error("--edit IMAGE and a non-empty --instruction TEXT go together")
@@ -72,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
   if args.step is not None and args.step < 0:
     p.error(f"--step must be >= 0, got {args.step}")
+  if args.max_images < 0:
+    p.error(f"--max_images must be >= 0, got {args.max_images}")
   return args
 
 
@@ -187,6 +194,56 @@ def _edit(gen, image: np.ndarray, args, out: str) -> None:
   _log(f"wrote {args.num} edited images to {out}")
 
 
+DOCUMENT = "document.jsonl"
+
+
+def read_interleaved(path: str) -> list[dict]:
+  """The pieces of an --interleaved prompt file, image paths resolved and images read."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      pieces = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UsageError(f"cannot read --interleaved {path}: {e}") from None
+  if not isinstance(pieces, list) or not pieces:
+    raise UsageError(f'--interleaved {path} must hold a non-empty JSON list of {{"text": ...}} / {{"image": ...}}')
+  out = []
+  for i, piece in enumerate(pieces):
+    if not (isinstance(piece, dict) and len(piece) == 1 and isinstance(piece.get("text", piece.get("image")), str)):
+      raise UsageError(f'--interleaved {path}: piece {i} is not {{"text": "..."}} or {{"image": "path"}}: {piece!r}')
+    if "image" in piece:
+      image_path = os.path.join(os.path.dirname(path), piece["image"])
+      out.append({"image": read_images([image_path])[0], "path": image_path})
+    else:
+      out.append(piece)
+  if not any(p.get("text", "x") for p in out):
+    raise UsageError(f"--interleaved {path}: every piece is empty text")
+  return out
+
+
+def _interleaved(gen, pieces: list[dict], args) -> None:
+  out = args.out
+  new = gen.generate([{k: p[k] for k in ("text", "image") if k in p} for p in pieces], seed=args.seed,
+                     max_tokens=args.max_tokens, max_images=args.max_images, temperature=args.temperature,
+                     steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+  if not distributed.is_chief():
+    return
+  os.makedirs(out, exist_ok=True)
+  names = [f"{i:05d}.png" for i in range(sum(not isinstance(x, str) for x in new))]
+  _check_out(out, names + [DOCUMENT])
+  lines = [{"text": p["text"]} if "text" in p else {"image": p["path"]} for p in pieces]
+  lines = [dict(line, generated=False) for line in lines]
+  for x in new:
+    if isinstance(x, str):
+      lines.append({"text": x, "generated": True})
+    else:
+      name = names[sum("image" in line and line["generated"] for line in lines)]
+      _save_png(os.path.join(out, name), x)
+      lines.append({"image": name, "generated": True})
+  with open(os.path.join(out, DOCUMENT), "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+  _log(f"wrote {len(new)} new pieces ({len(names)} images) to {os.path.join(out, DOCUMENT)}")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from absl import logging as absl_logging
@@ -198,12 +255,18 @@ def main(argv: list[str] | None = None) -> int:
       images = read_images(args.image)
     elif args.edit:
       source = read_images([args.edit])[0]
+    elif args.interleaved:
+      pieces = read_interleaved(args.interleaved)
     else:
       prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt] * args.num
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.image is None:
-      names = (_output_names(args.num, manifest=False) if args.edit
-               else _output_names(len(prompts), manifest=bool(args.prompts_file)))
+      if args.edit:
+        names = _output_names(args.num, manifest=False)
+      elif args.interleaved:
+        names = [DOCUMENT]
+      else:
+        names = _output_names(len(prompts), manifest=bool(args.prompts_file))
       refused = None
       if distributed.is_chief():
         try:
@@ -236,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
           _caption(gen, args.image, images, args)
         elif args.edit:
           _edit(gen, source, args, args.out)
+        elif args.interleaved:
+          _interleaved(gen, pieces, args)
         else:
           _text_to_image(gen, prompts, args, args.out, manifest=bool(args.prompts_file))
       except generate.PromptTooLongError as e:

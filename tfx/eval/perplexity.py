@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tfx import losses
+
 MODEL_FIELDS = ("tokens", "patches", "modality", "segment_ids", "positions", "image_ids")
 
 
 def token_nll_sum(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum of masked next-token NLL, number of masked tokens)."""
-  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-  nll_BL = -jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  nll_BL = -losses.token_log_probs(logits_BLV, targets_BL)
   mask_BL = mask_BL.astype(jnp.float32)
   return (nll_BL * mask_BL).sum(), mask_BL.sum()
 

@@ -29,8 +29,11 @@ over [cached prefix ; themselves] with the rule above in those absolute
 indices (every cached key precedes every new query, so only the segment test
 matters for them). The returned cache has length + L. Calls are pure: to
 denoise an image against a fixed prefix, call the model on the image's n
-patches with the SAME prefix cache at every step and drop the returned cache;
+patches with the SAME prefix cache at every step and drop the returned cache
+(or pass read_only=True: the step attends to [cache ; itself] and writes nothing);
 commit the image (one more call on its final patches) only when it is done.
+`cache.length` may also hold one length per row: each row then writes at its own
+offset (rows that generate different amounts keep their own contiguous layout).
 A chunk must hold whole images (an image never straddles the cache boundary)
 and must fit: length + L <= max_len (checked when length is concrete; under
 jit the caller sizes the cache, as an overflowing write would be clamped).
@@ -57,7 +60,7 @@ class KVCache:
   k_NBSGK: jax.Array         # [layers, batch, max_len, kv_heads, head_dim]
   v_NBSGK: jax.Array
   segment_ids_BS: jax.Array  # int32 [batch, max_len]; 0 = empty slot
-  length: jax.Array          # int32 scalar: committed positions
+  length: jax.Array          # int32: committed positions, a scalar or one per row [batch]
 
   @property
   def max_len(self) -> int:
@@ -70,6 +73,14 @@ def init_cache(n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, he
   shape = (n_layers, batch_size, max_len, n_kv_heads, head_dim)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                  jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def write_at(buffer_BS, new_BL, offset):
+  """buffer[:, offset:offset + L] = new along axis 1; offset is a scalar or one per row."""
+  rest = (0,) * (buffer_BS.ndim - 2)
+  if jnp.ndim(offset) == 0:
+    return jax.lax.dynamic_update_slice(buffer_BS, new_BL, (0, offset) + rest)
+  return jax.vmap(lambda b, n, o: jax.lax.dynamic_update_slice(b, n, (o,) + rest))(buffer_BS, new_BL, offset)
 
 
 IMAGE_ATTENTION = ("bidirectional", "causal")
@@ -129,6 +140,14 @@ class Mask:
   horizon_BL: jax.Array
   k_segment_BS: jax.Array
   dense_BLS: jax.Array | None = None
+  own_BLL: jax.Array | None = None  # read-only cache: the chunk's mask over its own keys (local indices)
+
+
+def read_only_mask(segment_BL, horizon_BL, k_segment_BS) -> Mask:
+  """The mask of a chunk that reads a cache without writing it: every cached key precedes the
+  chunk (so only the segment test applies to it); the chunk's own keys use local horizons."""
+  cached_BLS = (segment_BL[:, :, None] == k_segment_BS[:, None, :]) & (segment_BL[:, :, None] != 0)
+  return Mask(segment_BL, horizon_BL, k_segment_BS, cached_BLS, dense_mask(segment_BL, horizon_BL, segment_BL))
 
 
 def make_mask(segment_BL, horizon_BL, k_segment_BS, impl: str) -> Mask:
@@ -196,6 +215,28 @@ def _dense_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS):
   return out_BLGRK.reshape(B, L, H, K)
 
 
+def two_part_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS, k_BMGK, v_BMGK, mask_BLM):
+  """Softmax attention over [cached keys S ; the chunk's own keys M], merged the way flash
+  attention merges tiles, so the cache buffer is only read (never copied to append the chunk)."""
+  B, L, H, K = q_BLHK.shape
+  G = k_BSGK.shape[2]
+  q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+
+  def scores(k, mask, name):
+    s = jnp.einsum(f"blgrk,b{name}gk->bgrl{name}", q_BLGRK, k, preferred_element_type=jnp.float32) * (K ** -0.5)
+    return jnp.where(mask[:, None, None], s, _NEG)
+
+  s_BGRLS, s_BGRLM = scores(k_BSGK, mask_BLS, "s"), scores(k_BMGK, mask_BLM, "m")
+  m_BGRL1 = jnp.maximum(s_BGRLS.max(-1, keepdims=True), s_BGRLM.max(-1, keepdims=True))
+  p_BGRLS, p_BGRLM = jnp.exp(s_BGRLS - m_BGRL1), jnp.exp(s_BGRLM - m_BGRL1)
+  denom_BGRL1 = p_BGRLS.sum(-1, keepdims=True) + p_BGRLM.sum(-1, keepdims=True)
+  out_BGRLK = (jnp.einsum("bgrls,bsgk->bgrlk", p_BGRLS.astype(v_BSGK.dtype), v_BSGK)
+               + jnp.einsum("bgrlm,bmgk->bgrlk", p_BGRLM.astype(v_BMGK.dtype), v_BMGK)) / denom_BGRL1
+  visible_B11L1 = (mask_BLS.any(-1) | mask_BLM.any(-1))[:, None, None, :, None]
+  out_BGRLK = jnp.where(visible_B11L1, out_BGRLK, 0.0).astype(q_BLHK.dtype)
+  return jnp.einsum("bgrlk->blgrk", out_BGRLK).reshape(B, L, H, K)
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
 
@@ -220,7 +261,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BLD, positions_BL, mask: Mask, layer_cache=None):
     """Returns (out_BLD, (k, v)). Without a cache the keys are the L new positions (S = L); with
     layer_cache=(k_BSGK, v_BSGK, offset) the new keys/values are written at `offset` and the full
-    updated buffers are returned. `mask` comes from `make_mask` (shared by all layers)."""
+    updated buffers are returned; with offset None the cache is only read (`read_only_mask`) and
+    the chunk's own keys/values are returned. `mask` comes from `make_mask` (shared by all layers)."""
     q_BLHK = self.q(x_BLD)
     k_BLGK = self.k(x_BLD)
     v_BLGK = self.v(x_BLD)
@@ -229,12 +271,17 @@ class Attention(nnx.Module):
     q_BLHK = layers.rope(q_BLHK, positions_BL, self.rope_theta)
     k_BLGK = layers.rope(k_BLGK, positions_BL, self.rope_theta)
     q_BLHK = mesh.constrain(q_BLHK, ("act_batch", "act_len", "act_heads", "act_kv"))
+    if layer_cache is not None and layer_cache[2] is None:
+      k_cache, v_cache, _ = layer_cache
+      out_BLHK = two_part_attention(q_BLHK, k_cache.astype(q_BLHK.dtype), v_cache.astype(q_BLHK.dtype),
+                                    mask.dense_BLS, k_BLGK, v_BLGK, mask.own_BLL)
+      return self.o(checkpoint_name(out_BLHK, "attention_out")), (k_BLGK, v_BLGK)
     if layer_cache is None:
       k_BSGK, v_BSGK = k_BLGK, v_BLGK
     else:
       k_cache, v_cache, offset = layer_cache
-      k_BSGK = jax.lax.dynamic_update_slice(k_cache, k_BLGK.astype(k_cache.dtype), (0, offset, 0, 0))
-      v_BSGK = jax.lax.dynamic_update_slice(v_cache, v_BLGK.astype(v_cache.dtype), (0, offset, 0, 0))
+      k_BSGK = write_at(k_cache, k_BLGK.astype(k_cache.dtype), offset)
+      v_BSGK = write_at(v_cache, v_BLGK.astype(v_cache.dtype), offset)
     k_BSGK_c, v_BSGK_c = k_BSGK.astype(q_BLHK.dtype), v_BSGK.astype(q_BLHK.dtype)
     if mask.dense_BLS is None:
       out_BLHK = _sharded_flash(q_BLHK, k_BSGK_c, v_BSGK_c, mask.segment_BL, mask.horizon_BL,

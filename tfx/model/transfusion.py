@@ -104,8 +104,10 @@ class Transfusion(nnx.Module):
       return _block_step
     return nnx.remat(_block_step, policy=_remat_policy(self.remat))
 
-  def _run_blocks(self, x_BLD, positions_BL, segment_BL, horizon_BL, cache):
+  def _run_blocks(self, x_BLD, positions_BL, segment_BL, horizon_BL, cache, read_only=False):
     step = self._step_fn()
+    if cache is not None and read_only:
+      return self._run_blocks_read_only(step, x_BLD, positions_BL, segment_BL, horizon_BL, cache), cache
     if cache is None:
       mask = attention.make_mask(segment_BL, horizon_BL, segment_BL, self.attention_impl)
       if self.scan_layers:
@@ -119,12 +121,12 @@ class Transfusion(nnx.Module):
       return x_BLD, None
 
     offset, L = cache.length, segment_BL.shape[1]
-    if L > cache.max_len or (not isinstance(offset, jax.core.Tracer) and int(offset) + L > cache.max_len):
+    if L > cache.max_len or (not isinstance(offset, jax.core.Tracer) and int(jnp.max(offset)) + L > cache.max_len):
       raise ValueError(f"KV cache overflow: {L} new positions do not fit a cache of max_len {cache.max_len} "
                        f"holding {offset}")
-    segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_BL.astype(jnp.int32),
-                                              (0, offset))
-    mask = attention.make_mask(segment_BL, horizon_BL + offset, segment_BS, "dense")
+    segment_BS = attention.write_at(cache.segment_ids_BS, segment_BL.astype(jnp.int32), offset)
+    row_offset = offset[:, None] if jnp.ndim(offset) else offset
+    mask = attention.make_mask(segment_BL, horizon_BL + row_offset, segment_BS, "dense")
     if self.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -143,9 +145,25 @@ class Transfusion(nnx.Module):
                                   segment_BS, offset + L)
     return x_BLD, new_cache
 
-  def features(self, batch, t_BL, *, cache=None):
+  def _run_blocks_read_only(self, step, x_BLD, positions_BL, segment_BL, horizon_BL, cache):
+    """The blocks on a chunk placed after the cache, reading the cache and never writing it: a
+    denoising step that writes its patches pays for a copy of the whole buffer (docs/generation.md)."""
+    mask = attention.read_only_mask(segment_BL, horizon_BL, cache.segment_ids_BS)
+    if self.scan_layers:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run(x, block, k_BSGK, v_BSGK):
+        return step(block, x, positions_BL, mask, (k_BSGK, v_BSGK, None))[0]
+      return run(x_BLD, self.blocks, cache.k_NBSGK, cache.v_NBSGK)
+    for i, block in enumerate(self.blocks):
+      x_BLD = step(block, x_BLD, positions_BL, mask, (cache.k_NBSGK[i], cache.v_NBSGK[i], None))[0]
+    return x_BLD
+
+  def features(self, batch, t_BL, *, cache=None, read_only=False):
     """(h_BLD: final-normed hidden states, patch_out_BLP fp32 (0 off images), new_cache).
 
+    read_only: the batch attends to the cache as if placed after it, and the cache is returned
+    unchanged (a denoising step against a fixed prefix).
     The LM head is left to the caller (`logits`), so a loss can apply it to text positions only.
     """
     modality_BL = batch["modality"]
@@ -156,7 +174,7 @@ class Transfusion(nnx.Module):
     x_BLD = jnp.where(is_image_BL1, image_BLD.astype(self.dtype), text_BLD)
     x_BLD = mesh.constrain(x_BLD, _ACT)
     horizon_BL = attention.horizon(batch["image_ids"], modality_BL, self.image_attention)
-    x_BLD, new_cache = self._run_blocks(x_BLD, positions_BL, segment_BL, horizon_BL, cache)
+    x_BLD, new_cache = self._run_blocks(x_BLD, positions_BL, segment_BL, horizon_BL, cache, read_only)
     h_BLD = self.final_norm(x_BLD)
     patch_out_BLP = jnp.where(is_image_BL1, self.patches.decode(h_BLD, ctx), 0.0)
     return h_BLD, patch_out_BLP, new_cache
@@ -169,8 +187,8 @@ class Transfusion(nnx.Module):
       logits = self.lm_head(h_BLD)
     return logits.astype(jnp.float32)
 
-  def __call__(self, batch, t_BL, *, cache=None):
+  def __call__(self, batch, t_BL, *, cache=None, read_only=False):
     """(logits_BLV fp32, patch_out_BLP fp32 (0 off images), new_cache); batch fields per tfx/record.py."""
-    h_BLD, patch_out_BLP, new_cache = self.features(batch, t_BL, cache=cache)
+    h_BLD, patch_out_BLP, new_cache = self.features(batch, t_BL, cache=cache, read_only=read_only)
     logits_BLV = mesh.constrain(self.logits(h_BLD), ("act_batch", "act_len", "act_vocab"))
     return logits_BLV, patch_out_BLP, new_cache
