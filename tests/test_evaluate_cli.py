@@ -9,19 +9,11 @@ import pytest
 import data_testing
 from tfx import evaluate, trainer
 from tfx.eval import results
-from tfx.data import shapes
-from tfx.eval import shapesnet
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  c = data_testing.small_config()
-  c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 2, 2, 1
-  c.global_batch_size, c.seq_len = 8, 96
-  m = c.model
-  m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.t_embed_dim = 32, 1, 2, 2, 32
-  c.optim.warmup_steps, c.optim.ema_decay = 1, 0.9
-  c.diffusion.sample_steps = 2
+  c = data_testing.sampling_config()
   wd = str(tmp_path_factory.mktemp("eval_cli") / "run")
   trainer.run(c, wd)
   return wd
@@ -30,14 +22,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapesnet_path(tmp_path_factory):
   """A briefly trained ShapesNet, so the CLI loads it instead of training one (slow)."""
-  rng = np.random.default_rng(0)
-  specs = [shapes.sample_spec(rng, shapes.COMBOS) for _ in range(64)]
-  labels = np.array([[sum((o.color, o.shape) == cs for o in s.objects) for cs in shapes.COMBOS] for s in specs])
-  net, _ = shapesnet.train(np.stack([shapes.render(s, 16) for s in specs]), labels, resolution=16,
-                           num_classes=4, steps=3)
-  path = str(tmp_path_factory.mktemp("shapesnet") / "net.npz")
-  shapesnet.save(net, path)
-  return path
+  return data_testing.tiny_shapesnet(tmp_path_factory.mktemp("shapesnet") / "net.npz")
 
 
 def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, capsys):

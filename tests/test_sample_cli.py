@@ -16,13 +16,7 @@ from tfx.data import shapes
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  c = data_testing.small_config()
-  c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 2, 2, 1
-  c.global_batch_size, c.seq_len = 8, 96
-  m = c.model
-  m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.t_embed_dim = 32, 1, 2, 2, 32
-  c.optim.warmup_steps, c.optim.ema_decay = 1, 0.9   # EMA params are what sampling loads
-  c.diffusion.sample_steps = 2                       # the CLI's default step count
+  c = data_testing.sampling_config()
   c.sample_every_steps = 2                           # the trainer draws a sample grid at the end
   c.sample_prompts = ("a red circle", "two blue squares")
   wd = str(tmp_path_factory.mktemp("sample_cli") / "run")

@@ -113,13 +113,7 @@ def test_edit_example_lays_out_source_instruction_target():
 
 
 def _tiny(c):
-  c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 2, 2, 1
-  c.global_batch_size, c.seq_len = 8, 96
-  m = c.model
-  m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.t_embed_dim = 32, 1, 2, 2, 32
-  c.optim.warmup_steps, c.optim.ema_decay = 1, 0.9
-  c.diffusion.sample_steps = 2
-  return c
+  return data_testing.sampling_config(c)
 
 
 @pytest.fixture(scope="module")

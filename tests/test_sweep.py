@@ -3,14 +3,11 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 
 import data_testing
 from train_helpers import ROOT, persistent_compile_cache, tiny_config
 from tfx import sweep, trainer, workdir as workdir_lib
-from tfx.data import shapes
-from tfx.eval import shapesnet
 from tfx.sweeps import report, runner, spec
 
 CONFIG = str(ROOT / "experiments" / "shapes.py") + ":tiny"
@@ -125,14 +122,7 @@ def test_flops_to_reach_cases():
 @pytest.fixture(scope="module")
 def shapesnet_path(tmp_path_factory):
   """A briefly trained ShapesNet, so evaluations load it instead of training one (slow)."""
-  rng = np.random.default_rng(0)
-  specs = [shapes.sample_spec(rng, shapes.COMBOS) for _ in range(32)]
-  labels = np.array([[sum((o.color, o.shape) == cs for o in s.objects) for cs in shapes.COMBOS] for s in specs])
-  net, _ = shapesnet.train(np.stack([shapes.render(s, 16) for s in specs]), labels, resolution=16,
-                           num_classes=4, steps=2)
-  path = str(tmp_path_factory.mktemp("shapesnet") / "net.npz")
-  shapesnet.save(net, path)
-  return path
+  return data_testing.tiny_shapesnet(tmp_path_factory.mktemp("shapesnet") / "net.npz", scenes=32, steps=2)
 
 
 def test_sweep_skips_the_finished_run_and_resumes_the_stopped_one(tmp_path, shapesnet_path, monkeypatch,

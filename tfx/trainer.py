@@ -1,4 +1,5 @@
 """The training loop: data -> state -> restore -> step / log / save, until total_steps."""
+import contextlib
 import sys
 import time
 from typing import Callable
