@@ -88,7 +88,7 @@ def default() -> ml_collections.ConfigDict:
   d.sampler = "ddim"                 # "ddim" or "ddpm"
   d.sample_steps = 50                # denoising steps at inference
   d.cfg_scale = 3.0                  # classifier-free guidance scale at inference
-  d.read_only_cache = False          # text_to_image steps only read the KV cache (faster; equal to 1e-5, not bitwise)
+  d.read_only_cache = True           # denoising steps only read the KV cache (False: each step writes its chunk, as before)
   d.loss_weighting = "none"          # x0-error weight: "none" (the target's own), "min_snr" (min(SNR, gamma)),
                                      # "clipped_v" (min(SNR, gamma) + 1: v's SNR + 1, clipped)
   d.min_snr_gamma = 5.0              # gamma of "min_snr" and "clipped_v"
