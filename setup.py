@@ -30,7 +30,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # pytest.ini runs 2 workers
         "gcs": ["gcsfs"],  # gs:// workdirs and data (fsspec, and etils.epath, which Orbax and tfds use)
     },
 )

@@ -2,6 +2,10 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# 8 simulated devices; a collective waits up to 10 min for its 8 device threads instead of
+# XLA's 40 s: on 2 loaded cores (two pytest workers plus the CLI tests' subprocesses) a
+# participant can be descheduled that long, and XLA then aborts the whole process.
+_flags = ("--xla_force_host_platform_device_count=8", "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+for _flag in _flags:
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()

@@ -94,16 +94,22 @@ def _quiet_unraisable(previous):
 
 
 def _all_finite(tree) -> bool:
-  """True when every floating-point leaf of `tree` is finite (one device reduction per leaf).
+  """True when every floating-point leaf of `tree` is finite (one jitted reduction).
 
-  Single-process only: per-leaf eager reductions over arrays spanning processes hung a
+  Single-process only: eager reductions over arrays spanning processes hung a
   2-process CPU run (tests/test_multihost.py), so multi-process restores skip the check.
   """
   if jax.process_count() > 1:
     return True
-  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-           if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-  return bool(np.all([np.asarray(f) for f in flags])) if flags else True
+  floats = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(_every_leaf_finite(floats)) if floats else True
+
+
+@jax.jit
+def _every_leaf_finite(leaves):
+  # one program for the whole state: per-leaf eager reductions ran ~100 small sharded
+  # programs, each a collective whose device threads must all be scheduled in time
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 class _IteratorSnapshot:
