@@ -51,6 +51,8 @@ def default() -> ml_collections.ConfigDict:
                                      # "dots" (matmul outputs), "attention" (attention outputs),
                                      # "dots_offload" (matmul outputs in host memory)
   m.scan_layers = False              # stack blocks with nnx.scan (faster compile at depth)
+  m.image_mode = "continuous"        # "continuous" (Transfusion: patches + diffusion) or "discrete" (Chameleon:
+                                     # VQ codes as LM tokens after the text vocabulary, plain causal mask)
   m.loss_chunk = 512                 # LM loss: positions per row with logits held at once (0 = all [B, L, V])
 
   # -- images: what one image is in the sequence ----------------------------
@@ -61,7 +63,8 @@ def default() -> ml_collections.ConfigDict:
 
   # -- autoencoder: pixels <-> latents --------------------------------------
   c.autoencoder = ae = ml_collections.ConfigDict()
-  ae.kind = "pixels"                 # "pixels" (identity), "vae" (tfx-trained), "diffusers"
+  ae.kind = "pixels"                 # "pixels" (identity), "vae" (tfx-trained), "diffusers", "vq" (tfx-trained
+                                     # VQ tokenizer: images <-> int codes, for model.image_mode "discrete")
   ae.path = ""                       # checkpoint dir / diffusers folder for "vae"/"diffusers"
   ae.latent_channels = 3             # channels of the latent grid (3 for pixels)
   ae.downsample = 1                  # pixels per latent cell along each side (1 for pixels)
@@ -72,6 +75,10 @@ def default() -> ml_collections.ConfigDict:
   ae.vae_norm_groups = 8             # tfx VAE GroupNorm groups
   ae.vae_mid_attention = True        # tfx VAE self-attention in the mid blocks
   ae.kl_weight = 1e-6                # tfx VAE KL weight vs the per-pixel L1+L2 loss (SD's scale)
+  ae.codebook_size = 256             # VQ codebook entries (kind "vq"): an image is h*w codes in [0, this)
+  ae.vq_beta = 0.25                  # VQ commitment loss weight
+  ae.vq_ema_decay = 0.99             # VQ codebook EMA decay; 0 = straight-through (the codebook learns by gradient)
+  ae.vq_dead_threshold = 1.0         # VQ codes picked fewer times per batch (EMA) are restarted at encoder outputs
   ae.train_steps = 3000              # tfx.train_autoencoder optimizer steps
   ae.train_batch_size = 32           # tfx.train_autoencoder images per step (all hosts)
   ae.train_lr = 1e-3                 # tfx.train_autoencoder peak Adam learning rate (cosine decay)

@@ -5,12 +5,14 @@ holding the [B, L, V] logits. diff_loss: one timestep per image
 (per (row, image_id)), drawn on device; noise-limited images draw t <= noise_limit;
 squared error of the eps/v prediction averaged over each image's elements, then
 over the images present. Padding and the other modality contribute nothing; a
-batch with no text or no images gives 0 for that term, never NaN.
+batch with no text or no images gives 0 for that term, never NaN. In
+model.image_mode "discrete" (tfx/image_codes.py) images are code tokens: the LM loss
+covers them, and the metrics split it into text_loss and image_loss.
 """
 import jax
 import jax.numpy as jnp
 
-from tfx import diffusion, mesh, record
+from tfx import diffusion, image_codes, mesh, record
 
 _LOGITS = ("act_batch", "act_len", "act_vocab")
 
@@ -71,15 +73,19 @@ def token_log_probs(logits_BLV, targets_BL):
   return jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
 
 
-def _nll_sum(head, h_BCD, targets_BC, mask_BC):
-  """Sum over mask of -log p(target): one chunk's logits live only inside this function."""
+def _nll_sum(head, h_BCD, targets_BC, mask_BC, split_at=None):
+  """Sum over mask of -log p(target): one chunk's logits live only inside this function.
+  With `split_at`, [that sum, its part on targets >= split_at]."""
   logits_BCV = mesh.constrain(head(h_BCD).astype(jnp.float32), _LOGITS)
   logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
   target_logit_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-  return jnp.sum((logz_BC - target_logit_BC) * mask_BC)
+  nll_BC = (logz_BC - target_logit_BC) * mask_BC
+  if split_at is None:
+    return jnp.sum(nll_BC)
+  return jnp.stack([jnp.sum(nll_BC), jnp.sum(jnp.where(targets_BC >= split_at, nll_BC, 0.0))])
 
 
-def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int):
+def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int, split_at=None):
   """(sum over mask of the cross-entropy of head(h), masked tokens), `chunk` positions per row at a time.
 
   Each row's masked (text) positions are first moved to its front (a stable per-row
@@ -88,12 +94,13 @@ def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int):
   about max-over-rows(text) positions instead of L. Each chunk is under
   jax.checkpoint: the backward pass recomputes its [B, chunk, V] logits rather than
   storing them. chunk <= 0 or >= L: one chunk of all positions (the head on [B, L, V]).
+  With `split_at` the sum is [all, part on targets >= split_at] (discrete images' codes).
   """
   mask_BL = mask_BL.astype(jnp.float32)
   count = mask_BL.sum()
   B, L = targets_BL.shape
   if chunk <= 0 or chunk >= L:
-    return _nll_sum(head, h_BLD, targets_BL, mask_BL), count
+    return _nll_sum(head, h_BLD, targets_BL, mask_BL, split_at), count
   order_BL = jnp.argsort((mask_BL <= 0).astype(jnp.int32), axis=1, stable=True)  # text first, in order
   h_BLD = jnp.take_along_axis(h_BLD, order_BL[..., None], axis=1)
   targets_BL = jnp.take_along_axis(targets_BL, order_BL, axis=1)
@@ -108,14 +115,15 @@ def chunked_nll_sum(head, h_BLD, targets_BL, mask_BL, chunk: int):
   targets_KBC = targets_BL.reshape(B, K, chunk).swapaxes(0, 1)
   mask_KBC = mask_BL.reshape(B, K, chunk).swapaxes(0, 1)
   longest = mask_BL.sum(axis=1).max()  # text positions of the row that has the most
-  nll = jax.checkpoint(lambda h, t, m: _nll_sum(head, h, t, m))
+  nll = jax.checkpoint(lambda h, t, m: _nll_sum(head, h, t, m, split_at))
+  shape = () if split_at is None else (2,)
 
   def body(total, xs):
     k, h_BCD, t_BC, m_BC = xs
-    part = jax.lax.cond(k * chunk < longest, nll, lambda *_: jnp.zeros((), jnp.float32), h_BCD, t_BC, m_BC)
+    part = jax.lax.cond(k * chunk < longest, nll, lambda *_: jnp.zeros(shape, jnp.float32), h_BCD, t_BC, m_BC)
     return total + part, None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (jnp.arange(K), h_KBCD, targets_KBC, mask_KBC))
+  total, _ = jax.lax.scan(body, jnp.zeros(shape, jnp.float32), (jnp.arange(K), h_KBCD, targets_KBC, mask_KBC))
   return total, count
 
 
@@ -134,17 +142,30 @@ def transfusion_loss(model, batch, rng, config, *, noise=None, totals=None):
   is_image_BL1 = (batch["modality"] == record.IMAGE)[..., None]
   x_t_BLP = jnp.where(is_image_BL1, diffusion.q_sample(schedule, x0_BLP, t_BL, eps_BLP), 0.0)
   h_BLD, out_BLP, _ = model.features(dict(batch, patches=x_t_BLP), t_BL.astype(jnp.float32))
+  split_at = config.model.vocab_size if image_codes.is_discrete(config) else None  # code 0's token id
   nll, text_tokens = chunked_nll_sum(model.logits, h_BLD, batch["lm_targets"], batch["lm_mask"],
-                                     int(config.model.loss_chunk))
+                                     int(config.model.loss_chunk), split_at)
+  if split_at is not None:
+    nll, code_nll = nll[0], nll[1]
   target_BLP = diffusion.target(schedule, x0_BLP, t_BL, eps_BLP, d.prediction)
   weight_BL = snr_weight(schedule, t_BL, d)
   diff_sum, images = diffusion_sum(out_BLP, target_BLP, weight_BL, batch["image_ids"], batch["modality"])
-  text_total, image_total = (text_tokens, images) if totals is None else totals
+  text_total, image_total = (text_tokens, images) if totals is None else totals[:2]
   lm = nll / jnp.maximum(text_total, 1.0)
   diff = diff_sum / jnp.maximum(image_total, 1.0)
   loss = lm + d.loss_weight * diff
   metrics = dict(loss=loss, lm_loss=lm, diff_loss=diff, text_tokens=text_tokens, images=images)
+  if split_at is not None:   # text_tokens counts every LM target, codes included (the head runs there)
+    code_tokens = code_target_count(batch, split_at)
+    code_total = code_tokens if totals is None else totals[2]
+    metrics |= dict(text_loss=(nll - code_nll) / jnp.maximum(text_total - code_total, 1.0),
+                    image_loss=code_nll / jnp.maximum(code_total, 1.0), image_tokens=code_tokens)
   return loss, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def code_target_count(batch, split_at: int) -> jax.Array:
+  """LM targets that are image codes (token id >= split_at) in the batch."""
+  return jnp.sum(batch["lm_mask"].astype(jnp.float32) * (batch["lm_targets"] >= split_at))
 
 
 def count_images(batch) -> jax.Array:
@@ -162,4 +183,6 @@ def accumulation_inputs(batch, rng, config):
   """
   noise = draw_timesteps_and_noise(rng, batch, config.diffusion)
   totals = (batch["lm_mask"].astype(jnp.float32).sum(), count_images(batch))
+  if image_codes.is_discrete(config):
+    totals += (code_target_count(batch, config.model.vocab_size),)
   return noise, totals

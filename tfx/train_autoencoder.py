@@ -1,12 +1,14 @@
-"""`python -m tfx.train_autoencoder --config=experiments/X.py --workdir=W`: trains the tfx KL-VAE.
+"""`python -m tfx.train_autoencoder --config=experiments/X.py --workdir=W`: trains the tfx KL-VAE
+(or, with autoencoder.kind="vq", the VQ tokenizer of tfx/autoencoder/vq.py).
 
 It reads the image-caption dataset config.data.image_text (default: the built-in
 shapes) exactly as the Grain pipeline does (center crop, resize to
 config.image.resolution): random train images per step from (seed, step), so a
 resumed run sees the same data. At the end it measures the latent shift/scale on
-train images, scores reconstructions of the test split (PSNR; the shapes scorer
-when the data is shapes) and writes WORKDIR/autoencoder.json, which
-`tfx.autoencoder.load` (kind "vae", path W) needs besides the checkpoint.
+train images (VAE; a VQ reports its codes' usage and perplexity instead), scores
+reconstructions of the test split (PSNR; the shapes scorer when the data is shapes)
+and writes WORKDIR/autoencoder.json, which `tfx.autoencoder.load` (kind "vae" or
+"vq", path W) needs besides the checkpoint.
 """
 import functools
 import sys
@@ -24,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tfx import checkpoint, fs, loop
 from tfx import mesh as mesh_lib
 from tfx import metrics as metrics_lib
-from tfx.autoencoder import AutoencoderError, cli, quality, vae
+from tfx.autoencoder import AutoencoderError, cli, quality, vae, vq
 from tfx.autoencoder.base import NetAutoencoder
 
 PROG = "tfx.train_autoencoder"
@@ -60,21 +62,34 @@ def make_optimizer(train_steps: int, lr: float) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
 
 
+def loss_spec(config):
+  """The hashable loss choice of config.autoencoder: the VAE's KL weight or the VQ's VQConfig."""
+  return vq.vq_config(config) if config.autoencoder.kind == "vq" else config.autoencoder.kl_weight
+
+
 @functools.lru_cache(maxsize=8)
-def make_train_step(graphdef, train_steps: int, lr: float, kl_weight: float, skip_non_finite: bool = False):
+def make_train_step(graphdef, train_steps: int, lr: float, loss, skip_non_finite: bool = False):
   """(optimizer, jitted pure (params, opt_state, images, rng) -> (params, opt_state, metrics)).
 
+  `loss` is `loss_spec(config)`: a float (the KL-VAE's kl_weight) or a vq.VQConfig, whose
+  codebook statistics the step overwrites after the optimizer's update.
   metrics["finite"] flags a finite loss, gradient and update (as tfx/step.py's); with
   `skip_non_finite` a step that is not keeps the old params and optimizer state."""
   optimizer = make_optimizer(train_steps, lr)
+  is_vq = isinstance(loss, vq.VQConfig)
 
   def train_step(params, opt_state, images_BHWC, rng):
-    def loss(p):
-      return vae.loss_fn(nnx.merge(graphdef, p), images_BHWC, rng, kl_weight)
+    def loss_fn(p):
+      if is_vq:
+        return vq.loss_fn(nnx.merge(graphdef, p), images_BHWC, rng, loss)
+      value, metrics = vae.loss_fn(nnx.merge(graphdef, p), images_BHWC, rng, loss)
+      return value, (metrics, {})
 
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    if stats:
+      new_params = {**new_params, **stats}
     metrics["grad_norm"] = optax.tree.norm(grads)
     finite = loop.all_finite((metrics["loss"], metrics["grad_norm"], new_params, new_opt_state))
     metrics["finite"] = finite.astype(jnp.float32)
@@ -99,7 +114,8 @@ def init_params(config, mesh):
   """(graphdef, params as a sharded pure dict) of a freshly initialised VAE, built in one jitted call."""
   # The rbg generator compiles several times faster than threefry for a conv net's many
   # initialisers (minutes on a loaded CPU); its values may differ across mesh shapes.
-  build = lambda: nnx.split(vae.build(config, nnx.Rngs(jax.random.key(config.seed, impl="rbg"))))
+  family = vq if config.autoencoder.kind == "vq" else vae
+  build = lambda: nnx.split(family.build(config, nnx.Rngs(jax.random.key(config.seed, impl="rbg"))))
   graphdef, abstract = nnx.eval_shape(build)
   shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract, mesh))
   shardings = jax.tree.map(lambda s, p: _fit_sharding(s, p.shape), shardings, nnx.to_pure_dict(abstract))
@@ -141,7 +157,7 @@ def run(config, workdir, *, log=print) -> dict:
   except ValueError as e:
     raise AutoencoderError(str(e)) from None
   with jax.set_mesh(mesh):
-    optimizer, train_step = make_train_step(graphdef, c.train_steps, c.train_lr, c.kl_weight,
+    optimizer, train_step = make_train_step(graphdef, c.train_steps, c.train_lr, loss_spec(config),
                                             guard.policy == "skip")
     opt_state = jax.jit(optimizer.init)(params)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -167,8 +183,10 @@ def run(config, workdir, *, log=print) -> dict:
         if guard.policy == "skip":
           metrics["skipped_steps"] = float(guard.take_skipped())
         writer.write(step, metrics)
+        third = (f"perplexity {metrics['perplexity']:.1f}" if "perplexity" in metrics
+                 else f"kl {metrics['kl']:.3f}")
         log(f"step {step}/{c.train_steps} loss {metrics['loss']:.4f} l2 {metrics['l2']:.5f} "
-            f"kl {metrics['kl']:.3f} {metrics['steps_per_sec']:.2f} steps/s")
+            f"{third} {metrics['steps_per_sec']:.2f} steps/s")
 
     try:
       with loop.sigterm_flag() as sigterm:
@@ -194,6 +212,9 @@ def run(config, workdir, *, log=print) -> dict:
       ckpt.close()
       writer.close()
   train_seconds = time.time() - t0
+  if c.kind == "vq":
+    return _finish_vq(config, workdir, cfg, nnx.merge(graphdef, _host_params(params)), test, start,
+                      train_seconds, log)
   ae = NetAutoencoder(nnx.merge(graphdef, _host_params(params)), 1.0, 0.0)
   calib, _ = read_images(train, range(min(CALIBRATION_IMAGES, len(train))), config.image.resolution)
   shift, scale = latent_statistics(ae, calib)
@@ -204,12 +225,34 @@ def run(config, workdir, *, log=print) -> dict:
     vae.save_metadata(workdir, cfg, scaling_factor=scale, shift_factor=shift,
                       image_resolution=config.image.resolution, test=results,
                       config=config.autoencoder.to_dict())
-  scored = (f", scorer pass rate {results['scorer_rate_reconstructed']:.3f} (originals "
-            f"{results['scorer_rate_original']:.3f}, ratio {results['scorer_ratio']:.3f})"
-            if "scorer_ratio" in results else "")
-  log(f"test ({results['images']} images): PSNR {results['psnr_db']:.2f} dB{scored}; "
+  log(f"test ({results['images']} images): PSNR {results['psnr_db']:.2f} dB{_scored(results)}; "
       f"set autoencoder.kind='vae' autoencoder.path='{workdir}' autoencoder.scaling_factor={scale!r} "
       f"autoencoder.shift_factor={shift!r}")
+  return results
+
+
+def _scored(results: dict) -> str:
+  return (f", scorer pass rate {results['scorer_rate_reconstructed']:.3f} (originals "
+          f"{results['scorer_rate_original']:.3f}, ratio {results['scorer_ratio']:.3f})"
+          if "scorer_ratio" in results else "")
+
+
+def _finish_vq(config, workdir, cfg, net: vq.VQNet, test, start: int, train_seconds: float, log) -> dict:
+  """Test-split reconstruction quality and code usage of a trained VQ tokenizer; writes autoencoder.json."""
+  c = config.autoencoder
+  ae = vq.VQAutoencoder(net)
+  test_images, captions = read_images(test, range(min(c.eval_images, len(test))), config.image.resolution)
+  results = quality.evaluate(ae, test_images, captions, score=config.data.image_text == "shapes")
+  codes = quality.batched(ae.encode, quality.to_unit(test_images))
+  usage = vq.usage_stats(jnp.bincount(jnp.asarray(codes).reshape(-1), length=ae.codebook_size).astype(jnp.float32))
+  results |= {k: float(v) for k, v in usage.items()}
+  results |= dict(train_seconds=train_seconds, steps=c.train_steps, start_step=start)
+  if jax.process_index() == 0:
+    vq.save_metadata(workdir, cfg, net.vq, image_resolution=config.image.resolution, test=results,
+                     config=config.autoencoder.to_dict())
+  log(f"test ({results['images']} images): PSNR {results['psnr_db']:.2f} dB{_scored(results)}; code perplexity "
+      f"{results['perplexity']:.1f}, {results['codes_used']:.0%} of {ae.codebook_size} codes used; set "
+      f"autoencoder.kind='vq' autoencoder.path='{workdir}' autoencoder.codebook_size={ae.codebook_size}")
   return results
 
 
@@ -219,6 +262,8 @@ def main(argv) -> None:
     cli.usage_error(PROG, "--workdir is required")
   try:
     vae.net_config(config)
+    if config.autoencoder.kind == "vq":
+      vq.vq_config(config)
     fs.makedirs(_WORKDIR.value)
     run(config, _WORKDIR.value)
   except (AutoencoderError, mesh_lib.MeshError, FileNotFoundError) as e:

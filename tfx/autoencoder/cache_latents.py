@@ -7,6 +7,8 @@ dataset with the same features but `latent` (raw float32 [h, w, c], before
 shift/scale) instead of `image`. Train on it with
 --config.data.image_text=DIR and the same autoencoder.* settings. DIR may be a
 URL (gs://, with the tfx[gcs] extra): the dataset is written locally, then uploaded.
+A VQ tokenizer (autoencoder.kind "vq") stores `codes` (int32 [h, w]) instead of
+`latent`: the token stream of model.image_mode "discrete".
 """
 import numpy as np
 import tensorflow_datasets as tfds
@@ -39,9 +41,10 @@ def _encoded_examples(ae, source, resolution: int, split: str, batch_size: int, 
     for start in range(0, len(source), batch_size):
       rows = [source[i] for i in range(start, min(start + batch_size, len(source)))]
       images = np.stack([pixels_to_model(r["image"], resolution) for r in rows])
-      latents = quality.batched(ae.encode, images, batch_size).astype(np.float32)  # padded: one compile
-      for offset, (row, latent) in enumerate(zip(rows, latents)):
-        yield f"{split}-{start + offset:09d}", {"latent": latent, **{k: _text(row[k]) for k in copied}}
+      latents = quality.batched(ae.encode, images, batch_size)  # padded: one compile
+      name, dtype = ("codes", np.int32) if latents.ndim == 3 else ("latent", np.float32)
+      for offset, (row, latent) in enumerate(zip(rows, latents.astype(dtype))):
+        yield f"{split}-{start + offset:09d}", {name: latent, **{k: _text(row[k]) for k in copied}}
   return gen
 
 
@@ -61,8 +64,9 @@ def cache(config, output_dir: str, *, batch_size: int = 64) -> dict[str, int]:
   copied = tuple(k for k in _PASSTHROUGH if k in names)
   splits = list(builders.dataset_info(source_dir).splits)
   sources = {s: builders.open_split(source_dir, s) for s in splits}
-  features = builders.image_text_features(latent_shape=(side, side, ae.latent_channels),
-                                          with_spec="spec" in copied)
+  shape = ({"codes_shape": (side, side)} if config.autoencoder.kind == "vq"
+           else {"latent_shape": (side, side, ae.latent_channels)})
+  features = builders.image_text_features(**shape, with_spec="spec" in copied)
   c = config.autoencoder
   description = (f"Latents of {source_dir} at {config.image.resolution} px by autoencoder kind={c.kind} "
                  f"path={c.path} (scaling_factor={ae.scaling_factor:g}, shift_factor={ae.shift_factor:g}).")

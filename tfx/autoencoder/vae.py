@@ -72,13 +72,10 @@ def net_config_from_meta(meta: dict) -> nets.NetConfig:
   return nets.NetConfig(**raw)
 
 
-def load(workdir, step: int | None = None) -> NetAutoencoder:
-  """The trained VAE of a `tfx.train_autoencoder` workdir (latest checkpoint unless `step`)."""
+def restore_params(workdir, state: nnx.State, step: int | None = None) -> nnx.State:
+  """`state` (abstract) filled with the params of a `tfx.train_autoencoder` checkpoint (latest unless `step`)."""
   from tfx import checkpoint  # Orbax lives there
 
-  meta = read_metadata(workdir)
-  cfg = net_config_from_meta(meta)
-  graphdef, state = nets.abstract_autoencoder(cfg)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -91,5 +88,15 @@ def load(workdir, step: int | None = None) -> NetAutoencoder:
   finally:
     ckpt.close()
   nnx.replace_by_pure_dict(state, params)
+  return state
+
+
+def load(workdir, step: int | None = None) -> NetAutoencoder:
+  """The trained VAE of a `tfx.train_autoencoder` workdir (latest checkpoint unless `step`)."""
+  meta = read_metadata(workdir)
+  if meta.get("kind") == "vq":
+    raise AutoencoderError(f"{workdir} holds a VQ tokenizer, not a KL-VAE; use autoencoder.kind='vq'")
+  graphdef, state = nets.abstract_autoencoder(net_config_from_meta(meta))
+  state = restore_params(workdir, state, step)
   return NetAutoencoder(nnx.merge(graphdef, state), scaling_factor=meta["scaling_factor"],
                         shift_factor=meta["shift_factor"])

@@ -6,6 +6,7 @@ from `python -m tfx.data.prepare`, and latent caches written by the autoencoder)
   image     uint8 [R, R, 3] (zlib)    pixels, for autoencoder.kind == "pixels"
   latent    float32 [h, w, c]         autoencoder latents (raw, before shift/scale),
                                       written instead of `image` by a latent cache
+  codes     int32 [h, w]              VQ codes, written instead of `image` by a VQ cache (image_mode "discrete")
   spec      Text                      shapes only: the scene as JSON (shapes.Spec)
 An edit dataset (built-in shapes_edit) holds instead of caption/image:
   source_image, target_image  uint8 [R, R, 3] (zlib)  the scene before and after the edit
@@ -85,13 +86,17 @@ class ImageText(_ArrayRecordDataset, skip_registration=True):
 
 
 def image_text_features(*, resolution: int | None = None, latent_shape: tuple[int, int, int] | None = None,
+                        codes_shape: tuple[int, int] | None = None,
                         with_spec: bool = False) -> tfds.features.FeaturesDict:
-  """Features of an image-caption dataset: pixels at `resolution` or latents of `latent_shape`."""
-  if (resolution is None) == (latent_shape is None):
-    raise ValueError("give exactly one of resolution (pixels) or latent_shape (latents)")
+  """Features of an image-caption dataset: pixels at `resolution`, latents of `latent_shape` or
+  VQ codes (int32) of `codes_shape`."""
+  if sum(x is not None for x in (resolution, latent_shape, codes_shape)) != 1:
+    raise ValueError("give exactly one of resolution (pixels), latent_shape (latents) or codes_shape (VQ codes)")
   f = {"caption": tfds.features.Text()}
   if resolution is not None:
     f["image"] = tfds.features.Tensor(shape=(resolution, resolution, 3), dtype=np.uint8, encoding="zlib")
+  elif codes_shape is not None:
+    f["codes"] = tfds.features.Tensor(shape=tuple(codes_shape), dtype=np.int32)
   else:
     f["latent"] = tfds.features.Tensor(shape=tuple(latent_shape), dtype=np.float32)
   if with_spec:

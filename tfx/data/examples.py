@@ -93,6 +93,19 @@ def image_text_example(caption_ids, patches_NP: np.ndarray, tok, *, caption_firs
   return _fields(tokens, patches, modality, image_ids, noise_limited, False)
 
 
+def code_image_text_example(caption_ids, code_ids, tok, patch_dim: int, *, caption_first: bool = True,
+                            bos: bool = True, eos: bool = True, image_last: bool = False,
+                            compact: bool = False) -> dict[str, np.ndarray]:
+  """`image_text_example`'s layouts for a discrete image (tfx/image_codes.py): its code token ids
+  (already offset past the text vocabulary) sit between BOI and EOI as text positions; never split."""
+  caption = list(np.asarray(caption_ids, np.int32).reshape(-1))
+  image = [tok.boi_id] + list(np.asarray(code_ids, np.int32).reshape(-1)) + ([] if image_last else [tok.eoi_id])
+  ids = caption + image if caption_first else image + caption
+  out = text_example(ids, tok, patch_dim, bos=bos, eos=eos and not image_last, compact=compact)
+  out["splittable"] = np.asarray(False)
+  return out
+
+
 def edit_example(source_NP: np.ndarray, instruction_ids, target_NP: np.ndarray, tok, *,
                  compact: bool = False) -> dict[str, np.ndarray]:
   """`[BOS] BOI source EOI instruction BOI target EOI [EOS]`: an image edit, images 1 and 2.

@@ -27,7 +27,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_parser
 
-from tfx import patching
+from tfx import image_codes, patching
 from tfx.data import builders, builtin, examples, packing, tokenizer as tokenizer_lib
 
 
@@ -56,6 +56,9 @@ class _ImageTextToExamples:
 
   def __init__(self, config, tok, has_latent: bool):
     self.tok = tok
+    # discrete images (tfx/image_codes.py): the cached codes become tokens past the text vocabulary
+    self.code_offset = image_codes.code_offset(config, tok) if image_codes.is_discrete(config) else None
+    self.patch_dim = patching.patch_dim(config.image.patch_size, config.autoencoder.latent_channels)
     self.k = config.image.patch_size
     self.resolution = config.image.resolution
     self.use_latent = has_latent
@@ -87,6 +90,14 @@ class _ImageTextToExamples:
       np.multiply(grid, self.scale, out=out)
     return out.reshape(side * side, k * k * c)
 
+  def codes(self, ex) -> np.ndarray:
+    """[h*w] token ids of the record's cached VQ codes, in raster order."""
+    codes = np.asarray(ex["codes"], np.int32)
+    if codes.shape != (self.latent_side, self.latent_side):
+      raise ValueError(f"cached codes have shape {codes.shape}, config expects {(self.latent_side,) * 2} "
+                       "(image.resolution // autoencoder.downsample)")
+    return codes.reshape(-1) + self.code_offset
+
   def __call__(self, records: list, rng: np.random.Generator) -> list[dict]:
     u = rng.random((len(records), 2))
     out = []
@@ -95,6 +106,10 @@ class _ImageTextToExamples:
       caption_first = bool(u_first < self.caption_first_fraction)
       if caption_first and u_drop < self.caption_dropout:
         ids = []
+      if self.code_offset is not None:
+        out.append(examples.code_image_text_example(ids, self.codes(ex), self.tok, self.patch_dim,
+                                                    caption_first=caption_first, compact=True))
+        continue
       out.append(examples.image_text_example(ids, self.patches(ex), self.tok, caption_first=caption_first,
                                              compact=True))
     return out
@@ -139,6 +154,12 @@ def _check_image_source(config, path: str) -> bool:
   """Whether the image-caption dataset at `path` is read as latents; errors on a mismatch."""
   names = builders.feature_names(path)
   pixels = config.autoencoder.kind == "pixels"
+  if image_codes.is_discrete(config):
+    if "codes" not in names:
+      raise ValueError(f"model.image_mode is 'discrete' but {path} holds no `codes`: cache the images with the "
+                       "VQ tokenizer first (python -m tfx.autoencoder.cache_latents --config=... --output=DIR, "
+                       "autoencoder.kind='vq') and set data.image_text=DIR")
+    return True
   if "instruction" in names:   # an edit dataset (shapes_edit) holds pixels only
     if not pixels:
       raise ValueError(f"{path} is an edit dataset of pixels; it needs autoencoder.kind 'pixels', not "
@@ -147,6 +168,8 @@ def _check_image_source(config, path: str) -> bool:
   if pixels and "image" not in names:
     raise ValueError(f"autoencoder.kind is 'pixels' but {path} holds no `image` feature "
                      f"(features: {sorted(names)})")
+  if "codes" in names:
+    raise ValueError(f"{path} holds VQ codes: train on it with model.image_mode='discrete'")
   if not pixels and "latent" not in names:
     raise ValueError(f"autoencoder.kind is {config.autoencoder.kind!r} but {path} holds pixels, not "
                      "`latent`: run the latent caching command first (python -m tfx.autoencoder.cache_latents "

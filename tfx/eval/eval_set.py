@@ -62,8 +62,8 @@ def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairS
   """Up to `num` pairs of `split` (its `validation` split when a dataset has no `split`, as
   prepared datasets have none of `test`): num // 3 per kind for shapes, else the first `num`.
 
-  A latent cache's images are its latents decoded by the config's autoencoder (its
-  reconstructions: the pixels are not kept beside the latents).
+  A latent (or VQ code) cache's images are its latents decoded by the config's autoencoder
+  (its reconstructions: the pixels are not kept beside the latents).
   """
   path = builtin.resolve(config, config.data.image_text)
   names = builders.feature_names(path)
@@ -72,8 +72,8 @@ def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairS
       raise ValueError(f"split {ALT_SPLIT!r} is drawn by the shapes world's second renderer; "
                        f"{path} is not a shapes dataset")
     return alt_pairs(num, held_out=held_out)
-  if not names & {"image", "latent"}:
-    raise ValueError(f"evaluation needs the images or latents of {path} (its features hold neither)")
+  if not names & {"image", "latent", "codes"}:
+    raise ValueError(f"evaluation needs the images, latents or VQ codes of {path} (its features hold none)")
   if not _has_split(path, split) and _has_split(path, "validation"):
     split = "validation"
   source = builders.open_split(path, split)
@@ -94,7 +94,7 @@ def load_pairs(config, split: str, num: int, *, held_out: bool = False) -> PairS
         continue
       per_kind[kind] -= 1
     prompts.append(t2i.Prompt(_text(ex["caption"]), kind, held_out))
-    images.append(np.asarray(ex["image"] if pixels else ex["latent"]))
+    images.append(np.asarray(ex["image"] if pixels else ex["codes"] if "codes" in names else ex["latent"]))
   if not prompts:
     raise ValueError(f"split {split!r} of {path} holds no image-caption pairs to evaluate")
   images = np.stack(images)
@@ -114,7 +114,7 @@ def alt_pairs(num: int, *, held_out: bool = False) -> PairSet:
 
 
 def _decode_here(config, latents_NhwC: np.ndarray) -> np.ndarray:
-  """uint8 images of raw latents, decoded on this process's first device.
+  """uint8 images of raw latents (or int VQ codes [N, h, w]), decoded on this process's first device.
 
   Under a training mesh spanning several processes the decoder's output would span
   devices this process cannot read; each process decodes its own copy instead.
@@ -124,7 +124,9 @@ def _decode_here(config, latents_NhwC: np.ndarray) -> np.ndarray:
   from tfx.autoencoder import quality
   local = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), mesh_lib.MESH_AXES)
   with jax.set_mesh(local):
-    return quality.to_uint8(quality.batched(autoencoder.load(config).decode, latents_NhwC.astype(np.float32)))
+    codes = np.issubdtype(latents_NhwC.dtype, np.integer)
+    return quality.to_uint8(quality.batched(autoencoder.load(config).decode,
+                                            latents_NhwC if codes else latents_NhwC.astype(np.float32)))
 
 
 def load_eval_pairs(config, split: str, num: int, num_heldout: int) -> PairSet:
@@ -155,13 +157,19 @@ def text_records(config, max_records: int) -> list[dict]:
 
 
 def caption_records(config, captions: list[str], patches_NnP: np.ndarray | None = None) -> list[dict]:
-  """One record per caption: `BOS caption EOS` alone, or `BOS BOI image EOI caption EOS` with its patches."""
+  """One record per caption: `BOS caption EOS` alone, or `BOS BOI image EOI caption EOS` with its patches
+  (model.image_mode "discrete": its VQ codes [N, n])."""
+  from tfx import image_codes
   tok = tokenizer_lib.load(config)
+  offset = image_codes.code_offset(config, tok) if image_codes.is_discrete(config) else None
   out = []
   for i, caption in enumerate(captions):
     ids = tok.encode(caption)
     if patches_NnP is None:
       ex = examples.text_example(ids, tok, _patch_dim(config))
+    elif offset is not None:
+      ex = examples.code_image_text_example(ids, patches_NnP[i] + offset, tok, _patch_dim(config),
+                                            caption_first=False)
     else:
       ex = examples.image_text_example(ids, patches_NnP[i], tok, caption_first=False)
     out.append(packing.pack_one(ex, config.seq_len, tok.pad_id))

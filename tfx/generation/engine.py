@@ -5,7 +5,9 @@ An image is `BOI, n patches, EOI`: after BOI the prefix's keys/values stay in
 the cache and every denoising step runs only the image's n positions against
 it (tfx/generation/kernels.py). With guidance the unconditional branch (an
 empty caption: `BOS BOI`, what caption dropout trains) is cached too and
-batched with the conditional one.
+batched with the conditional one. In model.image_mode "discrete" (tfx/image_codes.py)
+an image is h*w VQ code tokens instead: sampled one at a time after BOI, restricted to
+the code ids, with guidance on the logits, then decoded by the VQ tokenizer.
 """
 import dataclasses
 import functools
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tfx import diffusion, distributed, patching
+from tfx import diffusion, distributed, image_codes, patching
 from tfx.generation import kernels
 from tfx.generation.images import ImageReadError, load_image, to_uint8
 from tfx.generation.prompts import bucket, concat_pieces, left_pad, right_pad
@@ -52,8 +54,13 @@ class Generator:
     self.schedule = diffusion.make_schedule(config.diffusion)
     self.prediction = config.diffusion.prediction
     self.graphdef, self.params = nnx.split(model)
-    vocab = tokenizer_lib.model_vocab_size(config, tok)  # raises if smaller than tok needs
-    unusable = np.arange(vocab) >= tok.vocab_size
+    text_vocab = tokenizer_lib.model_vocab_size(config, tok)  # raises if smaller than tok needs
+    self.discrete = image_codes.is_discrete(config)
+    vocab = text_vocab + (config.autoencoder.codebook_size if self.discrete else 0)
+    self.code_start, self.code_end = text_vocab, vocab   # code ids (empty unless discrete)
+    if self.discrete:
+      self.num_patches = image_codes.codes_per_image(config)
+    unusable = np.arange(vocab) >= tok.vocab_size   # codes included: text never samples them
     self._text_only = self._ids_mask(unusable, tok.pad_id, tok.bos_id, tok.boi_id, tok.eoi_id)
     self._text_or_image = self._ids_mask(unusable, tok.pad_id, tok.bos_id, tok.eoi_id)
     self._eos = self._ids_mask(np.zeros(vocab, bool), tok.eos_id)
@@ -65,6 +72,8 @@ class Generator:
     statics = ("steps", "sampler", "prediction", "guided", "pad_id")
     self._denoise = jax.jit(functools.partial(kernels.denoise_cached, g), static_argnames=statics + ("read_only",))
     self._denoise_recompute = jax.jit(functools.partial(kernels.denoise_recompute, g), static_argnames=statics)
+    self._sample_codes = jax.jit(functools.partial(kernels.sample_codes, g, patch_dim=self.patch_dim),
+                                 static_argnames=("n", "code_start", "code_end", "guided"))
     self._commit = jax.jit(functools.partial(kernels.commit_image, g, eoi_id=tok.eoi_id, pad_id=pad))
     self._prefill_rows = jax.jit(functools.partial(kernels.prefill_rows, g))
     self._decode_rows = jax.jit(functools.partial(kernels.decode_rows, g, patch_dim=self.patch_dim, pad_id=pad),
@@ -94,8 +103,12 @@ class Generator:
     return examples.text_example(self.tokenizer.encode(text), self.tokenizer, self.patch_dim, bos=bos, eos=False)
 
   def image_piece(self, patches_nP: np.ndarray, *, bos: bool) -> dict:
-    """`[BOS] BOI patches EOI` (an image with no caption, as image-first training data starts)."""
+    """`[BOS] BOI patches EOI` (an image with no caption, as image-first training data starts);
+    discrete: `patches_nP` are the image's n codes."""
     from tfx.data import examples
+    if self.discrete:
+      return examples.code_image_text_example([], np.asarray(patches_nP) + self.code_start, self.tokenizer,
+                                              self.patch_dim, caption_first=False, bos=bos, eos=False)
     return examples.image_text_example([], patches_nP, self.tokenizer, caption_first=False, bos=bos, eos=False)
 
   def caption_ids(self, text: str) -> list[int]:
@@ -109,13 +122,16 @@ class Generator:
                                        bos=bos, image_last=True)
 
   def image_patches(self, images) -> np.ndarray:
-    """Images (uint8 [H, W, 3] of any size, or PNG/JPEG paths) -> patches [N, n, P] in diffusion units."""
+    """Images (uint8 [H, W, 3] of any size, or PNG/JPEG paths) -> patches [N, n, P] in diffusion units
+    (discrete: VQ codes [N, n])."""
     from tfx.data import pipeline
     arrays = [load_image(img) if isinstance(img, (str, os.PathLike)) else np.asarray(img) for img in images]
     for img in arrays:
       if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
         raise ImageReadError(f"an image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
     pixels_NRR3 = np.stack([pipeline.pixels_to_model(img, self.config.image.resolution) for img in arrays])
+    if self.discrete:
+      return np.asarray(self.autoencoder.encode(pixels_NRR3)).reshape(len(arrays), -1)
     if self.config.autoencoder.kind == "pixels":
       grid = pixels_NRR3  # the data pipeline feeds raw pixels, unscaled
     else:
@@ -123,8 +139,12 @@ class Generator:
     return np.asarray(patching.patchify(np.asarray(grid, np.float32), self.patch_size))
 
   def patches_to_images(self, x0_BnP) -> np.ndarray:
-    """Generated patches [B, n, P] -> uint8 images [B, H, W, 3]."""
+    """Generated patches [B, n, P] (discrete: codes [B, n]) -> uint8 images [B, H, W, 3]."""
     # rows split over several processes are gathered first: every process returns all the images
+    if self.discrete:
+      codes_Bn = np.asarray(distributed.addressable(x0_BnP))
+      side = int(round(self.num_patches ** 0.5))
+      return to_uint8(self.autoencoder.decode(codes_Bn.reshape(-1, side, side)))
     grid = patching.unpatchify(jnp.asarray(distributed.addressable(x0_BnP)), self.patch_size, self.channels)
     if self.config.autoencoder.kind != "pixels":
       grid = self.autoencoder.decode(self.autoencoder.from_diffusion(grid))
@@ -136,12 +156,14 @@ class Generator:
     return self._init_cache(batch, _round_up(capacity, 64))
 
   def _unconditional_cache(self, batch: int, capacity: int, length: int):
-    """The empty-caption prefix `BOS BOI`, cached so that it ends at `length` like the conditional one."""
+    """The empty-caption prefix `BOS BOI`, cached so that it ends at `length` like the conditional one;
+    returns (cache, lengths, logits after BOI)."""
     piece = self.image_start_piece([], bos=True)
     cache = self._empty_cache(batch, capacity)
     cache = dataclasses.replace(cache, length=jnp.int32(length - len(piece["tokens"])))
     ubatch, lengths = left_pad([piece] * batch, len(piece["tokens"]))
-    return self._prefill(self.params, ubatch, cache)[1], lengths
+    logits_BV, cache = self._prefill(self.params, ubatch, cache)
+    return cache, lengths, logits_BV
 
   def _sampling_args(self, steps, cfg_scale, sampler):
     d = self.config.diffusion
@@ -156,15 +178,24 @@ class Generator:
     return steps, cfg_scale, sampler
 
   def denoise_image(self, cache, start_B, length: int, image_id: int, keys_B, *, steps=None, cfg_scale=None,
-                    sampler=None) -> jax.Array:
-    """Patches [B, n, P] of a new image after the cached prefix (which ends with BOI at `length` - 1)."""
+                    sampler=None, logits_BV=None) -> jax.Array:
+    """Patches [B, n, P] of a new image after the cached prefix (which ends with BOI at `length` - 1).
+
+    Discrete (model.image_mode): codes [B, n] sampled after BOI from `logits_BV`, the prefix's last
+    logits (steps and sampler do not apply)."""
     steps, cfg_scale, sampler = self._sampling_args(steps, cfg_scale, sampler)
     B = start_B.shape[0]
     guided = cfg_scale != 1.0
     if guided:
-      ucache, ulengths = self._unconditional_cache(B, cache.max_len, length)
+      ucache, ulengths, ulogits_BV = self._unconditional_cache(B, cache.max_len, length)
       cache = kernels.stack_caches(cache, ucache)
       start_B = np.concatenate([start_B, ulengths])
+      if self.discrete:
+        logits_BV = jnp.concatenate([logits_BV, ulogits_BV])
+    if self.discrete:
+      return self._sample_codes(self.params, cache, logits_BV, jnp.asarray(start_B, jnp.int32), keys_B,
+                                jnp.float32(cfg_scale), n=self.num_patches, code_start=self.code_start,
+                                code_end=self.code_end, guided=guided)
     x_T_BnP, step_keys = kernels.initial_noise(keys_B, (self.num_patches, self.patch_dim))
     return self._denoise(self.params, self.schedule, cache, x_T_BnP, jnp.asarray(start_B, jnp.int32),
                          jnp.int32(image_id), step_keys, jnp.float32(cfg_scale), steps=steps, sampler=sampler,
@@ -231,10 +262,10 @@ class Generator:
 
     def run(chunk, first):
       pieces = [self.image_start_piece(self.caption_ids(p), bos=True) for p in chunk]
-      _, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
+      logits_BV, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
       keys_B = kernels.index_keys(seed, first_index + first, len(chunk))
       x0_BnP = self.denoise_image(cache, lengths_B, Lp, 1, keys_B, steps=steps, cfg_scale=cfg_scale,
-                                  sampler=sampler)
+                                  sampler=sampler, logits_BV=logits_BV)
       return self.patches_to_images(x0_BnP)
 
     return np.stack(self._in_batches(list(prompts), batch_size, run, progress))
@@ -309,6 +340,9 @@ class Generator:
     """
     steps, cfg_scale, sampler = self._sampling_args(steps, cfg_scale, sampler)
     check_sampling(temperature, top_k, top_p)
+    if self.discrete:
+      raise ValueError("interleaved generation is not implemented for model.image_mode='discrete'; "
+                       "text_to_image, caption and complete are")
     if image_next and max_images < 1:
       raise ValueError("image_next needs max_images >= 1")
     fields = [self._interleaved_fields(p, image_next) for p in prompts] if prompts else []

@@ -153,6 +153,36 @@ def denoise_cached(graphdef, params, schedule, cache, x_T_BnP, start_X, image_id
                        prediction=prediction, guided=guided)
 
 
+def sample_codes(graphdef, params, cache, logits_XV, start_X, keys_B, cfg_scale, *, n: int, code_start: int,
+                 code_end: int, guided: bool, patch_dim: int):
+  """A discrete image (model.image_mode "discrete"): n code tokens after the cached prefix (ending with BOI).
+
+  Each step samples (temperature 1) from the logits restricted to the code ids [code_start,
+  code_end), guided as the continuous path is (uncond + cfg_scale * (cond - uncond) over the
+  logits of the B conditional rows and, when guided, the B unconditional ones of `cache`),
+  and feeds the token to both branches. Row b's draws come from keys_B[b] only.
+  Returns codes [B, n] in [0, code_end - code_start).
+  """
+  B, V = keys_B.shape[0], logits_XV.shape[-1]
+  X = logits_XV.shape[0]
+  ids_V = jnp.arange(V)
+  allowed_V = (ids_V >= code_start) & (ids_V < code_end)
+  sample = jax.vmap(lambda l, k: sample_tokens(l[None], k, temperature=1.0)[0])
+
+  def body(i, state):
+    cache, logits_XV, codes_Bn, params = state
+    logits_BV = diffusion.cfg_combine(logits_XV[:B], logits_XV[B:], cfg_scale) if guided else logits_XV
+    tok_B = sample(jnp.where(allowed_V, logits_BV, -jnp.inf), jax.vmap(jax.random.fold_in, (0, None))(keys_B, i))
+    codes_Bn = codes_Bn.at[:, i].set(tok_B - code_start)
+    tok_X = jnp.concatenate([tok_B, tok_B]) if guided else tok_B
+    batch = text_batch(tok_X[:, None], (start_X + i)[:, None], patch_dim)
+    new_X1V, _, cache = forward(graphdef, params, batch, jnp.zeros((X, 1), jnp.float32), cache)
+    return cache, new_X1V[:, 0], codes_Bn, params
+
+  state = (cache, logits_XV, jnp.zeros((B, n), jnp.int32), params)
+  return jax.lax.fori_loop(0, n, body, state)[2]
+
+
 def denoise_recompute(graphdef, params, schedule, prefix, x_T_BnP, start_X, image_id, keys_B, cfg_scale,
                        *, steps: int, sampler: str, prediction: str, guided: bool, pad_id: int):
   """The reference path: every step runs the whole prefix plus the image with no cache."""

@@ -67,7 +67,9 @@ def report(config) -> dict:
   attention over the causal half of the L x L pairs (the work the mask leaves; an image's
   bidirectional patches add n^2 / 2 pairs, under 1% at 4096 positions), MaxText's convention;
   so model.image_attention "causal" and "bidirectional" count the same FLOPs.
-  Image tokens add `modality_flops_per_image_token` (the patch encoder/decoder or U-Net, measured).
+  Image tokens add `modality_flops_per_image_token` (the patch encoder/decoder or U-Net, measured);
+  in model.image_mode "discrete" (Chameleon) an image's codes are ordinary LM positions: 0 there,
+  and the head's vocabulary (in `head`) includes the codebook.
   """
   config = presets.resolve(config)
   m = config.model
@@ -76,12 +78,13 @@ def report(config) -> dict:
   total = _count(params)
   embedding = _count(nnx.state(model.embed, nnx.Param))
   blocks = _count(nnx.state(model.blocks, nnx.Param))
-  modality = _count(nnx.state(model.patches, nnx.Param))
+  modality = 0 if model.patches is None else _count(nnx.state(model.patches, nnx.Param))
   head = embedding if model.lm_head is None else _count(nnx.state(model.lm_head, nnx.Param))
   head_dim = dims(config)["head_dim"]
   dense_flops = 6.0 * (blocks + head)
   attention_flops = 6.0 * m.n_layers * config.seq_len * m.n_heads * head_dim
-  modality_flops = 3.0 * _modality_forward_flops_per_image(config, model)
+  # image_mode "discrete": code tokens are text positions (embedding + LM head), no modality layers
+  modality_flops = 0.0 if model.patches is None else 3.0 * _modality_forward_flops_per_image(config, model)
   return dict(
       params=total,
       params_embedding=embedding,

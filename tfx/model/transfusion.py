@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tfx import mesh, record
+from tfx import image_codes, mesh, record
 from tfx.model import attention, layers, modality
 
 _ACT = ("act_batch", "act_len", "act_embed")
@@ -79,8 +79,10 @@ class Transfusion(nnx.Module):
     self.image_attention = attention.check_image_attention(m.image_attention)
     if self.remat != "none":
       _remat_policy(self.remat)
-    self.embed = layers.Embed(m.vocab_size, m.d_model, rngs=rngs, dtype=self.dtype)
-    self.patches = modality.build(config, rngs=rngs, dtype=self.dtype)
+    vocab = image_codes.model_vocab(config)   # text, plus the VQ codes in image_mode "discrete"
+    self.embed = layers.Embed(vocab, m.d_model, rngs=rngs, dtype=self.dtype)
+    # discrete images are tokens: no patch layers (and nothing in the record is IMAGE)
+    self.patches = None if image_codes.is_discrete(config) else modality.build(config, rngs=rngs, dtype=self.dtype)
     if self.scan_layers:
       @nnx.split_rngs(splits=m.n_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -91,7 +93,7 @@ class Transfusion(nnx.Module):
       self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(m.n_layers)])
     self.final_norm = layers.RMSNorm(m.d_model, eps=m.norm_eps, rngs=rngs)
     self.lm_head = (None if m.tie_embeddings else
-                    layers.Dense((m.d_model,), (m.vocab_size,), ("embed", "vocab"), rngs=rngs,
+                    layers.Dense((m.d_model,), (vocab,), ("embed", "vocab"), rngs=rngs,
                                  dtype=self.dtype))
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> attention.KVCache:
@@ -169,13 +171,16 @@ class Transfusion(nnx.Module):
     modality_BL = batch["modality"]
     segment_BL, positions_BL = batch["segment_ids"], batch["positions"]
     is_image_BL1 = (modality_BL == record.IMAGE)[..., None]
-    text_BLD = self.embed(batch["tokens"])
-    image_BLD, ctx = self.patches.encode(batch["patches"], t_BL, modality_BL)
-    x_BLD = jnp.where(is_image_BL1, image_BLD.astype(self.dtype), text_BLD)
+    x_BLD = text_BLD = self.embed(batch["tokens"])
+    if self.patches is not None:
+      image_BLD, ctx = self.patches.encode(batch["patches"], t_BL, modality_BL)
+      x_BLD = jnp.where(is_image_BL1, image_BLD.astype(self.dtype), text_BLD)
     x_BLD = mesh.constrain(x_BLD, _ACT)
     horizon_BL = attention.horizon(batch["image_ids"], modality_BL, self.image_attention)
     x_BLD, new_cache = self._run_blocks(x_BLD, positions_BL, segment_BL, horizon_BL, cache, read_only)
     h_BLD = self.final_norm(x_BLD)
+    if self.patches is None:
+      return h_BLD, jnp.zeros(batch["patches"].shape, jnp.float32), new_cache
     patch_out_BLP = jnp.where(is_image_BL1, self.patches.decode(h_BLD, ctx), 0.0)
     return h_BLD, patch_out_BLP, new_cache
 
