@@ -79,7 +79,7 @@ def check_cached_denoise_step(gen):
   n, P = gen.num_patches, gen.patch_dim
   pieces = [gen.image_start_piece(gen.tokenizer.encode(p), bos=True) for p in PROMPTS]
   _, cache, lengths_B, Lp = gen._prefill_prompts(pieces, n + 1)
-  ucache, ulengths_B = gen._unconditional_cache(2, cache.max_len, Lp)
+  ucache, ulengths_B, _ = gen._unconditional_cache(2, cache.max_len, Lp)
   both = kernels.stack_caches(cache, ucache)
   start_X = jnp.asarray(np.concatenate([lengths_B, ulengths_B]))
   x_XnP = jax.random.normal(jax.random.PRNGKey(1), (4, n, P))
