@@ -1,5 +1,7 @@
-"""Test setup: CPU only, 8 simulated devices, shared across the suite."""
+"""Test setup: CPU only, 8 simulated devices, one compilation cache, shared across the suite."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 simulated devices; a collective waits up to 10 min for its 8 device threads instead of
@@ -9,6 +11,20 @@ _flags = ("--xla_force_host_platform_device_count=8", "--xla_cpu_collective_call
 for _flag in _flags:
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+# One persistent compilation cache for the session: the pytest workers and the CLI tests'
+# subprocesses (which inherit the environment) compile the same tiny programs again and again
+# (a resumed run, the second process of a pair, the same config in another test). The
+# controller makes it (workers inherit the variable) and removes it at the end.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfx-tests-jax-cache-")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None and not hasattr(config, "workerinput"):
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 # The longest modules (the slowest in a serial run's --durations) start first: with 2 workers
