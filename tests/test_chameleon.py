@@ -176,7 +176,7 @@ def test_sample_and_evaluate_clis_run_on_a_discrete_checkpoint(discrete, tmp_pat
   assert len(list((tmp_path / "out").glob("0000*.png"))) == 2
   net = untrained_shapesnet(str(tmp_path / "shapesnet.npz"))
   assert evaluate.main(["--workdir", workdir, "--num", "3", "--num_heldout", "0", "--text_records", "2",
-                        "--shapesnet", net, "--no_alt", "--batch_size", "4"]) == 0
+                        "--shapesnet", net, "--no_alt", "--batch_size", "2"]) == 0
   result = json_lib.loads((pathlib.Path(workdir) / "eval" / "2.json").read_text())["metrics"]
   assert all(np.isfinite(v) for k, v in result.items() if k.startswith("ppl_")) and "ppl_text" in result
 
