@@ -68,14 +68,14 @@ def test_codes_round_trip_through_the_decoder(trained):
   ae = autoencoder.load(config)
   from tfx.autoencoder import quality
   uint8, _ = train_autoencoder.read_images(train_autoencoder.open_images(config, "test"), range(16), 16)
-  # in quality.batched's batches of 64, which autoencoder.json's test scores already compiled
+  # quality.batched pads to batches of 64: the two encodes share one compile
   codes = quality.batched(ae.encode, quality.to_unit(uint8))
   assert codes.shape == (16, 8, 8) and codes.dtype == np.int32 and codes.min() >= 0 and codes.max() < 16
   decoded = quality.batched(ae.decode, codes)
   assert decoded.shape == (16, 16, 16, 3)
   again = quality.batched(ae.encode, decoded)
-  # measured: 81% of the codes come back after 150 steps (16 test images): the decoder's images land in their
-  # codes' cells; a broken decode (wrong codebook rows, transposed grid) gives ~1/16
+  # measured: 81% of the codes come back after 150 steps (16 test images): the decoder's images
+  # land in their codes' cells; a broken decode (wrong codebook rows, transposed grid) gives ~1/16
   assert (again == codes).mean() > 0.7, (again == codes).mean()
   with pytest.raises(autoencoder.AutoencoderError, match="int codes"):
     ae.decode(np.zeros((4, 8, 8, 4), np.float32))
