@@ -6,7 +6,8 @@
 The same encoder/decoder widths and training recipe as experiments/shapes_vae.py (f = 4),
 with a 256-entry codebook of 8-dim vectors (EMA updates, dead-code restarts). autoencoder.json
 then holds the test split's PSNR, scorer pass rates and code usage/perplexity. Not measured
-at full length yet: no quality figure here is claimed.
+at full length; at --config.autoencoder.train_steps=2000 (21 min on 2 shared cores): test PSNR
+33.62 dB, all 256 codes used, perplexity 171.3 (docs/experiments.md, Chameleon).
 """
 from tfx import config as tfx_config
 

@@ -17,6 +17,14 @@ from tfx.autoencoder import vq
 STEPS = 150
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """The resumed run's train step and the CLIs' generation kernels are programs compiled before."""
+  from train_helpers import persistent_compile_cache
+  with persistent_compile_cache(tmp_path_factory.mktemp("jax_cache")):
+    yield
+
+
 def vq_config(steps: int):
   """A tiny VQ (f = 2, 16 codes of 4 dims) on the small shapes data: the tests' tokenizer."""
   from data_testing import small_config
@@ -41,6 +49,8 @@ def test_loss_goes_down_and_usage_is_reported(trained):
   workdir, results = trained
   records = metrics.read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  # every code starts at usage 1.0 = vq_dead_threshold, so the codes step 1 misses restart
+  assert records[0]["restarted"] > 0
   first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
   assert last < 0.8 * first, (first, last)
   meta = json.loads((workdir / "autoencoder.json").read_text())
@@ -57,16 +67,16 @@ def test_codes_round_trip_through_the_decoder(trained):
   config.autoencoder.path = str(workdir)
   ae = autoencoder.load(config)
   from tfx.autoencoder import quality
-  uint8, _ = train_autoencoder.read_images(train_autoencoder.open_images(config, "test"), range(4), 16)
-  images = quality.to_unit(uint8)
-  codes = np.asarray(ae.encode(images))
-  assert codes.shape == (4, 8, 8) and codes.dtype == np.int32 and codes.min() >= 0 and codes.max() < 16
-  decoded = ae.decode(codes)
-  assert decoded.shape == (4, 16, 16, 3)
-  again = np.asarray(ae.encode(decoded))
-  # measured: 82% of the codes come back after 150 steps (36% after 12): the decoder's images
+  uint8, _ = train_autoencoder.read_images(train_autoencoder.open_images(config, "test"), range(16), 16)
+  # quality.batched pads to batches of 64: the two encodes share one compile
+  codes = quality.batched(ae.encode, quality.to_unit(uint8))
+  assert codes.shape == (16, 8, 8) and codes.dtype == np.int32 and codes.min() >= 0 and codes.max() < 16
+  decoded = quality.batched(ae.decode, codes)
+  assert decoded.shape == (16, 16, 16, 3)
+  again = quality.batched(ae.encode, decoded)
+  # measured: 81% of the codes come back after 150 steps (16 test images): the decoder's images
   # land in their codes' cells; a broken decode (wrong codebook rows, transposed grid) gives ~1/16
-  assert (again == codes).mean() > 0.75, (again == codes).mean()
+  assert (again == codes).mean() > 0.7, (again == codes).mean()
   with pytest.raises(autoencoder.AutoencoderError, match="int codes"):
     ae.decode(np.zeros((4, 8, 8, 4), np.float32))
 
@@ -159,38 +169,54 @@ def test_sampled_codes_are_valid_and_decode(discrete):
 
 def test_sample_and_evaluate_clis_run_on_a_discrete_checkpoint(discrete, tmp_path):
   import json as json_lib
-  from data_testing import tiny_shapesnet
   from tfx import evaluate, sample
   _, workdir, *_ = discrete
   assert sample.main(["--workdir", workdir, "--prompt", "a red circle", "--num", "2", "--out",
                       str(tmp_path / "out")]) == 0
   assert len(list((tmp_path / "out").glob("0000*.png"))) == 2
-  net = tiny_shapesnet(tmp_path / "shapesnet.npz")
+  net = untrained_shapesnet(str(tmp_path / "shapesnet.npz"))
   assert evaluate.main(["--workdir", workdir, "--num", "3", "--num_heldout", "0", "--text_records", "2",
-                        "--shapesnet", net, "--no_alt", "--batch_size", "4"]) == 0
+                        "--shapesnet", net, "--no_alt", "--batch_size", "2"]) == 0
   result = json_lib.loads((pathlib.Path(workdir) / "eval" / "2.json").read_text())["metrics"]
   assert all(np.isfinite(v) for k, v in result.items() if k.startswith("ppl_")) and "ppl_text" in result
 
 
+def untrained_shapesnet(path: str) -> str:
+  """A 16 px ShapesNet with random weights, written without JAX: evaluate needs one for fd_shapesnet,
+  and training one (data_testing.tiny_shapesnet) compiles an initialiser per weight shape (~7 s)."""
+  from tfx.data import shapes
+  from tfx.eval import shapesnet
+  model = nnx.eval_shape(lambda: shapesnet.ShapesNet(
+      shapesnet.ShapesNetSpec(16, len(shapes.COMBOS), 4), nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    v.set_value(rng.normal(0, 0.1, v.get_value().shape).astype(np.float32))
+  shapesnet.save(model, path)
+  return path
+
+
 def test_dead_codes_restart_at_encoder_outputs():
-  """A code nobody picks falls under the usage threshold and moves onto an encoder output of the batch."""
-  config = vq_config(1)
-  config.autoencoder.vq_dead_threshold = 0.5
-  net = vq.build(config, nnx.Rngs(0))
-  far = 1e3 * jnp.ones_like(net.codebook[...][:1])
-  net.codebook[...] = net.codebook[...].at[3].set(far[0])      # never nearest to anything
-  net.usage[...] = net.usage[...].at[3].set(0.5)               # one unused step below the threshold
-  images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
-  graphdef, state = nnx.split(net)
-
-  @jax.jit
-  def run(state):   # jitted: eager conv layers take seconds on a loaded CPU
-    net = nnx.merge(graphdef, state)
-    return vq.loss_fn(net, images, jax.random.key(0), net.vq)[1], net.vectors(images)
-
-  (m, updates), z = run(state)
-  z_ND = np.asarray(z).reshape(-1, 4)
-  new = np.asarray(updates["codebook"][3])
-  assert m["restarted"] >= 1 and float(updates["usage"][3]) > 0.5
-  assert np.min(np.abs(z_ND - new).max(-1)) < 1e-5     # exactly one of the batch's encoder outputs
-  assert not np.allclose(np.asarray(updates["codebook"]), np.asarray(net.codebook[...]))
+  """A code under the usage threshold moves onto one of the batch's encoder outputs; live codes take
+  the EMA step (numpy reference)."""
+  cfg = vq.VQConfig(codebook_size=4, ema_decay=0.9, dead_threshold=0.5)
+  rng = np.random.default_rng(1)
+  z_ND = rng.normal(size=(6, 3)).astype(np.float32)
+  codebook_KD = rng.normal(size=(4, 3)).astype(np.float32)
+  codebook_KD[3] = 1e3                                      # never nearest to anything
+  usage_K = np.array([2.0, 2.0, 2.0, 0.5], np.float32)      # code 3: 0.9 * 0.5 < 0.5 after this step
+  ema_sum_KD = codebook_KD * usage_K[:, None]
+  codes_N = np.asarray(vq.nearest(jnp.asarray(z_ND), jnp.asarray(codebook_KD)))
+  update = jax.jit(lambda *a: vq.codebook_update(*a, cfg))
+  updates, counts_K, dead_K = update(codebook_KD, usage_K, ema_sum_KD, z_ND, codes_N, jax.random.key(0))
+  onehot_NK = np.eye(4, dtype=np.float32)[codes_N]
+  np.testing.assert_array_equal(counts_K, onehot_NK.sum(0))
+  assert np.asarray(dead_K).tolist() == [False, False, False, True]
+  new_usage = 0.9 * usage_K + 0.1 * onehot_NK.sum(0)
+  new_sum = 0.9 * ema_sum_KD + 0.1 * onehot_NK.T @ z_ND
+  np.testing.assert_allclose(updates["usage"][:3], new_usage[:3], rtol=1e-6)
+  np.testing.assert_allclose(updates["ema_sum"][:3], new_sum[:3], rtol=1e-5)
+  np.testing.assert_allclose(updates["codebook"][:3], new_sum[:3] / new_usage[:3, None], rtol=1e-5)
+  restarted = np.asarray(updates["codebook"][3])
+  assert np.min(np.abs(z_ND - restarted).max(-1)) == 0      # exactly one of the batch's encoder outputs
+  assert float(updates["usage"][3]) == 6 / 4                # as if used evenly: N / K
+  np.testing.assert_allclose(updates["ema_sum"][3], restarted * 6 / 4)

@@ -112,17 +112,28 @@ def loss_fn(net: VQNet, images_BHWC, rng, vq: VQConfig):
   codebook_loss = 0.0 if ema else jnp.square(jax.lax.stop_gradient(z_BhwD) - q_BhwD).mean()
   loss = l1 + l2 + vq.beta * commit + codebook_loss
 
-  K = vq.codebook_size
   z_ND = jax.lax.stop_gradient(z_BhwD).reshape(-1, z_BhwD.shape[-1])
-  onehot_NK = jax.nn.one_hot(codes_Bhw.reshape(-1), K, dtype=jnp.float32)
+  updates, counts_K, dead_K = codebook_update(codebook_KD, net.usage[...], net.ema_sum[...], z_ND,
+                                              codes_Bhw.reshape(-1), rng, vq)
+  metrics = dict(loss=loss, l1=l1, l2=l2, commit=commit, restarted=dead_K.sum().astype(jnp.float32),
+                 **usage_stats(counts_K))
+  return loss, (metrics, updates)
+
+
+def codebook_update(codebook_KD, usage_K, ema_sum_KD, z_ND, codes_N, rng, vq: VQConfig):
+  """(updates, counts_K, dead_K): one step's new codebook/usage/ema_sum from the batch's encoder outputs
+  z_ND and their codes (EMA step when vq.ema_decay > 0), with dead codes restarted at outputs of the batch."""
+  K = vq.codebook_size
+  ema = vq.ema_decay > 0
+  onehot_NK = jax.nn.one_hot(codes_N, K, dtype=jnp.float32)
   counts_K = onehot_NK.sum(0)
   decay = vq.ema_decay if ema else 0.99   # straight-through still tracks usage for the restarts
-  usage_K = decay * net.usage[...] + (1 - decay) * counts_K
+  usage_K = decay * usage_K + (1 - decay) * counts_K
   if ema:
-    ema_sum_KD = vq.ema_decay * net.ema_sum[...] + (1 - vq.ema_decay) * onehot_NK.T @ z_ND
+    ema_sum_KD = vq.ema_decay * ema_sum_KD + (1 - vq.ema_decay) * onehot_NK.T @ z_ND
     new_codebook_KD = ema_sum_KD / jnp.maximum(usage_K, 1e-5)[:, None]
   else:
-    ema_sum_KD, new_codebook_KD = net.ema_sum[...], codebook_KD
+    new_codebook_KD = codebook_KD
   # dead codes restart at random encoder outputs of this batch, as if used evenly since
   dead_K = usage_K < vq.dead_threshold
   picks_KD = z_ND[jax.random.randint(rng, (K,), 0, z_ND.shape[0])]
@@ -130,10 +141,7 @@ def loss_fn(net: VQNet, images_BHWC, rng, vq: VQConfig):
   new_codebook_KD = jnp.where(dead_K[:, None], picks_KD, jax.lax.stop_gradient(new_codebook_KD))
   usage_K = jnp.where(dead_K, fresh, usage_K)
   ema_sum_KD = jnp.where(dead_K[:, None], picks_KD * fresh, ema_sum_KD)
-  updates = dict(codebook=new_codebook_KD, usage=usage_K, ema_sum=ema_sum_KD)
-  metrics = dict(loss=loss, l1=l1, l2=l2, commit=commit, restarted=dead_K.sum().astype(jnp.float32),
-                 **usage_stats(counts_K))
-  return loss, (metrics, updates)
+  return dict(codebook=new_codebook_KD, usage=usage_K, ema_sum=ema_sum_KD), counts_K, dead_K
 
 
 def build(config, rngs: nnx.Rngs) -> VQNet:
