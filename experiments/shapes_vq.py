@@ -9,30 +9,23 @@ then holds the test split's PSNR, scorer pass rates and code usage/perplexity. N
 at full length; at --config.autoencoder.train_steps=2000 (21 min on 2 shared cores): test PSNR
 33.62 dB, all 256 codes used, perplexity 171.3 (docs/experiments.md, Chameleon).
 """
-from tfx import config as tfx_config
+import importlib.util
+import pathlib
+
+
+def _shapes_vae():
+  spec = importlib.util.spec_from_file_location("shapes_vae_experiment",
+                                                pathlib.Path(__file__).with_name("shapes_vae.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_config(arg: str = ""):
-  c = tfx_config.default()
+  if arg not in ("", "tiny"):
+    raise ValueError(f"experiments/shapes_vq.py: unknown argument {arg!r} (expected '' or 'tiny')")
+  c = _shapes_vae().get_config(arg)   # its widths, steps and recipe (f = 4), the tiny variant included
   ae = c.autoencoder
   ae.kind = "vq"
-  ae.latent_channels = 8
-  ae.downsample = 4                # 32 px -> 8x8 = 64 codes per image
-  ae.vae_channels = (16, 32, 64)
-  ae.vae_norm_groups = 8
-  ae.codebook_size = 256
-  ae.train_steps = 5600            # as shapes_vae.py
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 500
-  if arg == "tiny":
-    ae.vae_channels = (8, 8, 8)
-    ae.vae_norm_groups = 4
-    ae.codebook_size = 16
-    ae.train_steps = 4
-    ae.train_batch_size = 8
-    ae.eval_images = 16
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 2
-  elif arg:
-    raise ValueError(f"experiments/shapes_vq.py: unknown argument {arg!r} (expected '' or 'tiny')")
+  ae.codebook_size = 16 if arg == "tiny" else 256   # 8x8 = 64 codes per 32 px image
   return c
