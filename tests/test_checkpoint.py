@@ -1,5 +1,6 @@
 """Checkpoints: keep-N, the iterator saved with the state, restore_model for sampling."""
 import json
+import logging
 
 import grain
 import jax
@@ -30,6 +31,18 @@ def test_iterator_state_is_taken_at_save_time_and_keep_n(tmp_path):
   np.testing.assert_array_equal(restored["w"], [3.0, 3.0, 3.0])
   np.testing.assert_array_equal(next(fresh), expected)
   ckpt.close()
+
+
+def test_a_failed_writes_asyncio_reports_stay_quiet_after_close(tmp_path, caplog):
+  """asyncio logs the failed write's unretrieved fragment tasks when they are collected, which can
+  be after the one-line report and close(); only those records are dropped."""
+  checkpoint.Checkpointer(tmp_path).close()
+  log = logging.getLogger("asyncio")
+  with caplog.at_level(logging.ERROR):
+    log.error("Task exception was never retrieved\nfuture: <Task coro=<async_serialize_from_host.<locals>"
+              ".write_fragment()> exception=ValueError('OUT_OF_RANGE: File too large')>")
+    log.error("Task exception was never retrieved\nfuture: <Task coro=<user_code()>>")
+  assert [r.getMessage().splitlines()[-1] for r in caplog.records] == ["future: <Task coro=<user_code()>>"]
 
 
 def test_restore_model_errors_are_clear(tmp_path):
