@@ -51,6 +51,22 @@ def test_sweep_files_python_and_json(tmp_path):
     spec.apply(tiny_config(), {"model.encoderr": "unet"})
 
 
+def test_the_committed_sweep_files_apply_and_chameleon_matches_its_experiment():
+  """experiments/sweeps/*.py name real keys of shapes.py; the chameleon variant is chameleon.py."""
+  shapes = spec.load_config(str(ROOT / "experiments" / "shapes.py"))
+  ablations = spec.load_sweep_file(str(ROOT / "experiments" / "sweeps" / "ablations.py"))
+  configs = {v.name: spec.apply(shapes, v.overrides) for v in ablations}
+  assert configs["causal"].model.image_attention == "causal" and configs["unet_p4"].image.patch_size == 4
+  assert {c.diffusion.loss_weight for c in configs.values()} == {1.0, 5.0, 20.0}
+  pair = {v.name: v.overrides for v in spec.load_sweep_file(
+      str(ROOT / "experiments" / "sweeps" / "transfusion_vs_chameleon.py"))}
+  assert pair["transfusion"] == {}
+  chameleon = spec.load_config(str(ROOT / "experiments" / "chameleon.py"))
+  chameleon.autoencoder.path = pair["chameleon"]["autoencoder.path"]
+  chameleon.data.image_text = pair["chameleon"]["data.image_text"]
+  assert spec.apply(shapes, pair["chameleon"]).to_dict() == chameleon.to_dict()
+
+
 def test_print_commands_plain_and_through_a_launcher(capsys, tmp_path):
   args = ["--config", CONFIG, "--grid", "model.image_attention=bidirectional,causal",
           "--set", "total_steps=8", "--workdir", str(tmp_path), "--print_commands"]
