@@ -45,6 +45,18 @@ def test_a_failed_writes_asyncio_reports_stay_quiet_after_close(tmp_path, caplog
   assert [r.getMessage().splitlines()[-1] for r in caplog.records] == ["future: <Task coro=<user_code()>>"]
 
 
+def test_opening_read_only_logs_no_warnings(tmp_path, caplog):
+  """tfx.sample/evaluate open checkpoints read-only on purpose: Orbax's notices of it are noise."""
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  ckpt.save(1, {"w": jnp.zeros((3,))})
+  ckpt.wait()
+  ckpt.close()
+  with caplog.at_level(logging.WARNING):
+    reader = checkpoint.Checkpointer.open_existing(tmp_path)
+    assert reader.all_steps() == [1]
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_restore_model_errors_are_clear(tmp_path):
   with pytest.raises(workdir_lib.NotAWorkdirError, match="config.json"):
     restore.restore_model(tmp_path)

@@ -85,6 +85,14 @@ class _QuietBackgroundErrors(logging.Filter):
     return not (record.name == "asyncio" and "async_serialize" in record.getMessage())
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's 'Given directory is read only' warning: tfx.sample, tfx.evaluate and each sweep
+  evaluation open checkpoints read-only on purpose."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def _quiet_unraisable(previous):
   """A sys.unraisablehook that hides the 'Event loop is closed' noise of a failed async save."""
   if getattr(previous, "tfx_quiet", False):
@@ -135,12 +143,16 @@ class Checkpointer:
   def __init__(self, workdir, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None, enable_async_checkpointing=async_save,
+        # read-only: the values Orbax would otherwise reset, each with a logged warning
+        max_to_keep=keep if keep > 0 and not read_only else None,
+        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only,
         # a save cut short (disk full, a kill) leaves STEP.orbax-checkpoint-tmp; the workdir lock
         # (tfx/lock.py) makes this trainer the only writer, so removing it at start is safe
         cleanup_tmp_directories=not read_only)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    if read_only and not any(isinstance(f, _ReadOnlyNotice) for f in logging.getLogger("absl").filters):
+      logging.getLogger("absl").addFilter(_ReadOnlyNotice())
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._saving = None      # the step of the newest save started
     self._failed = None      # the CheckpointWriteError once a save failed
