@@ -30,9 +30,9 @@ def pytest_unconfigure(config):
 # The longest modules (the slowest in a serial run's --durations) start first: with 2 workers
 # taking one module at a time in collection order, a long module collected last would run
 # alone at the end.
-_LONGEST_FIRST = ("test_paper_path.py", "test_multihost.py", "test_chameleon.py", "test_generate.py",
-                  "test_train.py", "test_multihost_cli.py", "test_sample_cli.py", "test_faults.py",
-                  "test_evaluate_cli.py", "test_cli.py", "test_bench.py", "test_sweep.py")
+_LONGEST_FIRST = ("test_paper_path.py", "test_multihost.py", "test_sweep.py", "test_chameleon.py",
+                  "test_generate.py", "test_train.py", "test_multihost_cli.py", "test_sample_cli.py",
+                  "test_faults.py", "test_evaluate_cli.py", "test_cli.py", "test_bench.py")
 
 
 def pytest_collection_modifyitems(items):

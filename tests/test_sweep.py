@@ -2,13 +2,14 @@
 import json
 import math
 import os
+import sys
 
 import pytest
 
 import data_testing
 from train_helpers import ROOT, persistent_compile_cache, tiny_config
 from tfx import sweep, trainer, workdir as workdir_lib
-from tfx.sweeps import report, runner, spec
+from tfx.sweeps import parallel, report, runner, spec
 
 CONFIG = str(ROOT / "experiments" / "shapes.py") + ":tiny"
 A, B = "image_attention=bidirectional", "image_attention=causal"
@@ -184,6 +185,43 @@ def test_sweep_skips_the_finished_run_and_resumes_the_stopped_one(tmp_path, shap
   assert sweep.main(["--workdir", str(root), "--report_only", "--plot_metrics", "t2i_pass"]) == 0
   assert open(root / "report" / "README.md").read() == table
   assert runner.is_finished(str(root / B), spec.apply(config_b, {"stop_after_step": 0}), [4])
+
+
+def test_sweep_side_by_side_runs_each_variant_in_its_own_process(tmp_path, shapesnet_path):
+  root = tmp_path / "sweep"
+  args = ["--config", CONFIG, "--workdir", str(root), "--shapesnet", shapesnet_path, "--jobs", "2",
+          "--grid", "model.image_attention=bidirectional,causal",
+          "--set", f"data.data_dir={data_testing.small_config().data.data_dir}",
+          "--set", "data.shapes_train_size=200", "--set", "data.shapes_eval_size=40",
+          "--set", "diffusion.sample_steps=2", "--set", "sample_every_steps=0", "--plot_metrics", "t2i_pass",
+          "--eval_steps", "4", "--eval_num", "3", "--eval_num_heldout", "0", "--eval_text_records", "1",
+          "--eval_caption_tokens", "3", "--eval_batch_size", "3"]
+  assert sweep.main(args) == 0
+  for name in (A, B):
+    assert sorted(os.listdir(root / name / "eval")) == ["4.json", "4.png"]
+    assert "tfx.sweep: evaluating on 3 pairs" in (root / "logs" / f"{name}.log").read_text()
+  assert json.loads((root / "sweep.json").read_text())["variants"][1]["name"] == B
+  table = (root / "report" / "README.md").read_text()
+  assert f"| {A} | 4 |" in table and f"| {B} | 4 |" in table
+  assert json.loads((root / B / "config.json").read_text())["model"]["image_attention"] == "causal"
+  assert sweep.main(args + ["--only", "nope"]) == 2
+
+
+def test_parallel_runs_at_most_jobs_at_once_and_reports_each_exit_code(tmp_path):
+  script = ("import sys, time; open(sys.argv[1], 'a').write(f'{time.time()}\\n'); "
+            "time.sleep(2); print('child', sys.argv[2]); sys.exit(int(sys.argv[2]))")
+  spans = tmp_path / "spans"
+  commands = {f"v{i}": [sys.executable, "-c", script, str(spans), str(code)] for i, code in enumerate((0, 0, 3, 0))}
+  messages = []
+  codes = parallel.run(commands, 2, str(tmp_path / "logs"), log=messages.append)
+  assert codes == {"v0": 0, "v1": 0, "v2": 3, "v3": 0}
+  starts = sorted(float(line) for line in spans.read_text().splitlines())
+  # the second starts while the first sleeps; the third only once one of them has ended
+  assert starts[1] < starts[0] + 2 <= starts[2]
+  assert (tmp_path / "logs" / "v2.log").read_text() == "child 3\n"
+  assert any(m.startswith("v2: failed with exit code 3") for m in messages)
+  assert parallel.child_env(4, {})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
+  assert parallel.child_env(4, {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5"
 
 
 def test_run_variant_trains_to_each_evaluation_step_and_resumes(monkeypatch, tmp_path):

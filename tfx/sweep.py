@@ -4,14 +4,17 @@ evaluated at several checkpoints, into a table, plots against training FLOPs and
 Each variant trains in ROOT/<variant> (tfx.trainer) and is evaluated at --eval_steps (default:
 its checkpoint steps) by tfx.eval.suite into ROOT/<variant>/eval/<step>.json; then ROOT/report/
 gets README.md (table, parity FLOP ratios), one <metric>.png per metric and points.json.
-Variants run one after another; a rerun skips finished variants and continues stopped ones.
+Variants run one after another, or --jobs=N at a time as child processes (one accelerator
+shared, or the CPU cores); a rerun skips finished variants and continues stopped ones.
 --report_only redraws the report from the recorded JSON; --print_commands prints one training
 command per variant (for launch/gpu_slurm.sh or launch/tpu_pod.sh with --launcher) instead.
 docs/experiments.md has the switches and the parity ratio's definition.
 """
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 
 from tfx import fs
 from tfx.sweeps import spec
@@ -67,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--parity", type=_pair, action="append", default=[], metavar="A,B",
                  help="FLOPs B needs to match A's best, over A's (variant names or globs; repeat)")
   p.add_argument("--parity_metrics", type=_names, default=None, help="default: the table's columns")
+  p.add_argument("--jobs", type=int, default=1, help="variants trained at once, each in its own "
+                 "process sharing the accelerator (output in ROOT/logs/<variant>.log)")
+  p.add_argument("--only", type=_names, default=None, metavar="NAME,NAME",
+                 help="run only these variants (no report; a run without --only writes it)")
   p.add_argument("--report_only", action="store_true", help="only redraw ROOT/report from recorded JSON")
   p.add_argument("--print_commands", action="store_true", help="print one training command per variant")
   p.add_argument("--launcher", default="", help='with --print_commands: e.g. "launch/gpu_slurm.sh '
@@ -78,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("give --grid or --sweep, not both")
   if not args.report_only and not (args.grid or args.sweep):
     p.error("give the variants: --grid=KEY=V1,V2 (repeatable) or --sweep=FILE")
-  for name in ("eval_num", "eval_text_records", "eval_caption_tokens", "eval_batch_size"):
+  for name in ("eval_num", "eval_text_records", "eval_caption_tokens", "eval_batch_size", "jobs"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   return args
@@ -116,7 +123,12 @@ def _report(args, names) -> int:
   return 0
 
 
+def _shapesnet(args, root: str, config) -> str:
+  return args.shapesnet or fs.join(root, f"shapesnet_{config.image.resolution}px.npz")
+
+
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   root = args.workdir
   variants, common, configs = [], {}, {}
@@ -126,6 +138,11 @@ def main(argv=None) -> int:
       common = {k: vs[0] for k, vs in spec.parse_assignments(base, args.set, many=False)}
       variants = _variants(args, base) if (args.grid or args.sweep) else []
       configs = {v.name: spec.apply(base, {**common, **v.overrides}) for v in variants}
+    if args.only:
+      unknown = sorted(set(args.only) - {v.name for v in variants})
+      if unknown:
+        raise spec.SweepError(f"--only names no variant of this sweep: {', '.join(unknown)}")
+      variants = [v for v in variants if v.name in args.only]
   except spec.SweepError as e:
     print(f"tfx.sweep: error: {e}", file=sys.stderr)
     return USAGE_ERROR
@@ -135,6 +152,8 @@ def main(argv=None) -> int:
     for v in variants:
       print(spec.train_command(args.config, fs.join(root, v.name), {**common, **v.overrides}, args.launcher))
     return 0
+  if args.jobs > 1 and len(variants) > 1:
+    return _run_side_by_side(args, argv, root, variants, common, configs)
   return _run(args, root, variants, common, configs)
 
 
@@ -143,16 +162,15 @@ def _run(args, root, variants, common, configs) -> int:
   from tfx.eval import suite
   from tfx.sweeps import runner
   fs.makedirs(root)
-  fs.write_text(fs.join(root, SWEEP_FILE), json.dumps(
-      {"config": args.config, "common": common,
-       "variants": [{"name": v.name, "overrides": v.overrides} for v in variants]}, indent=1, default=str))
+  if not args.only:  # a child of --jobs, or a user's --only, runs part of the sweep that this file lists
+    _write_sweep_file(args, root, variants, common)
   for v in variants:
     config = configs[v.name]
     options = suite.Options(
         num=args.eval_num, num_heldout=args.eval_num_heldout, text_records=args.eval_text_records,
         caption_tokens=args.eval_caption_tokens, batch_size=args.eval_batch_size,
         inception=args.inception_weights,
-        shapesnet=args.shapesnet or fs.join(root, f"shapesnet_{config.image.resolution}px.npz"))
+        shapesnet=_shapesnet(args, root, config))
     workdir = fs.join(root, v.name)
     try:
       outcome = runner.run_variant(config, workdir, runner.eval_steps(config, args.eval_steps), options)
@@ -161,7 +179,44 @@ def _run(args, root, variants, common, configs) -> int:
       return USAGE_ERROR
     print(f"tfx.sweep: {v.name}: {'finished before; skipped' if outcome == 'skipped' else 'done'}",
           file=sys.stderr)
-  return _report(args, [v.name for v in variants])
+  return 0 if args.only else _report(args, [v.name for v in variants])
+
+
+def _write_sweep_file(args, root, variants, common) -> None:
+  fs.write_text(fs.join(root, SWEEP_FILE), json.dumps(
+      {"config": args.config, "common": common,
+       "variants": [{"name": v.name, "overrides": v.overrides} for v in variants]}, indent=1, default=str))
+
+
+def _run_side_by_side(args, argv, root, variants, common, configs) -> int:
+  """Each variant in a child `tfx.sweep --only=NAME`, --jobs at once; then the report here."""
+  from tfx.sweeps import parallel
+  fs.makedirs(root)
+  if not args.only:
+    _write_sweep_file(args, root, variants, common)
+  env = parallel.child_env(args.jobs)
+  # The ShapesNet is trained once, before the children, so that two never train it at once;
+  # in a child process, so that this one holds no accelerator memory while they run.
+  for path, resolution in sorted({(_shapesnet(args, root, c), c.image.resolution) for c in configs.values()}):
+    if not fs.exists(path):
+      trained = subprocess.run([sys.executable, "-c", "import sys; from tfx.eval import suite; "
+                                "suite.load_or_train_shapesnet(sys.argv[1], int(sys.argv[2]))", path,
+                                str(resolution)], env=env)
+      if trained.returncode != 0:
+        print(f"tfx.sweep: training the ShapesNet into {path} failed (exit code {trained.returncode})",
+              file=sys.stderr)
+        return 1
+  log_dir = fs.join(root, "logs") if fs.is_local(root) else tempfile.mkdtemp(prefix="tfx_sweep_logs_")
+  commands = {v.name: [sys.executable, "-m", "tfx.sweep", *argv, f"--only={v.name}", "--jobs=1"]
+              for v in variants}
+  codes = parallel.run(commands, args.jobs, log_dir, env=env,
+                       log=lambda msg: print(f"tfx.sweep: {msg}", file=sys.stderr, flush=True))
+  failed = [name for name, code in codes.items() if code != 0]
+  if failed:
+    print(f"tfx.sweep: {len(failed)} of {len(codes)} variants failed ({', '.join(failed)}; logs in "
+          f"{log_dir}); rerunning the same command continues them", file=sys.stderr)
+    return 1
+  return 0 if args.only else _report(args, [v.name for v in variants])
 
 
 if __name__ == "__main__":
