@@ -7,7 +7,7 @@
 Each variant changes one key of the default recipe (U-Net patch layers, 8x8 patches, the
 noise limit at 150, lambda 5, bidirectional image attention); the base is drawn with three
 seeds to show how far two runs of one config differ. 1800 steps per variant: the ten take
-~52 minutes on 2 CPU cores.
+53 minutes on 2 CPU cores (measured, partly shared with tests).
 """
 
 VARIANTS = {
