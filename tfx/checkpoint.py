@@ -93,6 +93,13 @@ class _ReadOnlyNotice(logging.Filter):
     return not record.getMessage().startswith("Given directory is read only")
 
 
+def _filter_once(logger_name: str, kind: type) -> None:
+  """Adds a `kind` filter to the logger unless one is there: it stays for the process."""
+  logger = logging.getLogger(logger_name)
+  if not any(isinstance(f, kind) for f in logger.filters):
+    logger.addFilter(kind())
+
+
 def _quiet_unraisable(previous):
   """A sys.unraisablehook that hides the 'Event loop is closed' noise of a failed async save."""
   if getattr(previous, "tfx_quiet", False):
@@ -151,8 +158,8 @@ class Checkpointer:
         # (tfx/lock.py) makes this trainer the only writer, so removing it at start is safe
         cleanup_tmp_directories=not read_only)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
-    if read_only and not any(isinstance(f, _ReadOnlyNotice) for f in logging.getLogger("absl").filters):
-      logging.getLogger("absl").addFilter(_ReadOnlyNotice())
+    if read_only:
+      _filter_once("absl", _ReadOnlyNotice)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._saving = None      # the step of the newest save started
     self._failed = None      # the CheckpointWriteError once a save failed
@@ -163,8 +170,7 @@ class Checkpointer:
     if self._quiet is not None:
       logging.getLogger("absl").addFilter(self._quiet)
       # asyncio's reports come when the failed tasks are collected, possibly after close()
-      if not any(isinstance(f, _QuietBackgroundErrors) for f in logging.getLogger("asyncio").filters):
-        logging.getLogger("asyncio").addFilter(_QuietBackgroundErrors())
+      _filter_once("asyncio", _QuietBackgroundErrors)
       sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
   @classmethod

@@ -152,18 +152,23 @@ def main(argv=None) -> int:
     for v in variants:
       print(spec.train_command(args.config, fs.join(root, v.name), {**common, **v.overrides}, args.launcher))
     return 0
+  fs.makedirs(root)
+  if not args.only:  # a child of --jobs, or a user's --only, runs part of the sweep that this file lists
+    fs.write_text(fs.join(root, SWEEP_FILE), json.dumps(
+        {"config": args.config, "common": common,
+         "variants": [{"name": v.name, "overrides": v.overrides} for v in variants]}, indent=1, default=str))
   if args.jobs > 1 and len(variants) > 1:
-    return _run_side_by_side(args, argv, root, variants, common, configs)
-  return _run(args, root, variants, common, configs)
+    status = _run_side_by_side(args, argv, root, variants, configs)
+  else:
+    status = _run(args, root, variants, configs)
+  return status if status or args.only else _report(args, [v.name for v in variants])
 
 
-def _run(args, root, variants, common, configs) -> int:
+def _run(args, root, variants, configs) -> int:
+  """The variants one after another, in this process."""
   from tfx import trainer
   from tfx.eval import suite
   from tfx.sweeps import runner
-  fs.makedirs(root)
-  if not args.only:  # a child of --jobs, or a user's --only, runs part of the sweep that this file lists
-    _write_sweep_file(args, root, variants, common)
   for v in variants:
     config = configs[v.name]
     options = suite.Options(
@@ -179,21 +184,12 @@ def _run(args, root, variants, common, configs) -> int:
       return USAGE_ERROR
     print(f"tfx.sweep: {v.name}: {'finished before; skipped' if outcome == 'skipped' else 'done'}",
           file=sys.stderr)
-  return 0 if args.only else _report(args, [v.name for v in variants])
+  return 0
 
 
-def _write_sweep_file(args, root, variants, common) -> None:
-  fs.write_text(fs.join(root, SWEEP_FILE), json.dumps(
-      {"config": args.config, "common": common,
-       "variants": [{"name": v.name, "overrides": v.overrides} for v in variants]}, indent=1, default=str))
-
-
-def _run_side_by_side(args, argv, root, variants, common, configs) -> int:
-  """Each variant in a child `tfx.sweep --only=NAME`, --jobs at once; then the report here."""
+def _run_side_by_side(args, argv, root, variants, configs) -> int:
+  """Each variant in a child `tfx.sweep --only=NAME`, --jobs at once (the report is the caller's)."""
   from tfx.sweeps import parallel
-  fs.makedirs(root)
-  if not args.only:
-    _write_sweep_file(args, root, variants, common)
   env = parallel.child_env(args.jobs)
   # The ShapesNet is trained once, before the children, so that two never train it at once;
   # in a child process, so that this one holds no accelerator memory while they run.
@@ -216,7 +212,7 @@ def _run_side_by_side(args, argv, root, variants, common, configs) -> int:
     print(f"tfx.sweep: {len(failed)} of {len(codes)} variants failed ({', '.join(failed)}; logs in "
           f"{log_dir}); rerunning the same command continues them", file=sys.stderr)
     return 1
-  return 0 if args.only else _report(args, [v.name for v in variants])
+  return 0
 
 
 if __name__ == "__main__":
