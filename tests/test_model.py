@@ -166,6 +166,35 @@ def test_unet_works_for_patch_sizes(k):
                          t_embed_dim=8, max_images=1, rngs=nnx.Rngs(0))
 
 
+def test_unet_space_to_depth_folds_cells_into_channels_and_keeps_images_apart():
+  """space_to_depth puts each 2x2 block's cells in one cell's channels (depth_to_space undoes it);
+  a U-Net with the fold runs one level fewer on 12-channel input and still keeps images apart."""
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  folded = np.asarray(modality.space_to_depth(x, 2))
+  assert folded.shape == (2, 4, 4, 12)
+  np.testing.assert_array_equal(folded[1, 2, 3], x[1, 4:6, 6:8].reshape(-1))
+  np.testing.assert_array_equal(np.asarray(modality.depth_to_space(folded, 2, 3)), x)
+
+  n, p_dim = 4, 4 * 4 * 3
+  layers = modality.UNetPatches(patch_size=4, channels=3, grid_side=2, d_model=64, widths=(16, 32),
+                                blocks_per_level=1, t_embed_dim=32, max_images=2, space_to_depth=2,
+                                rngs=fast_rngs(0))
+  assert layers.conv_in.kernel.shape == (3, 3, 12, 16) and len(layers.down_blocks) == 1
+  mod_L = np.array([0] + [1] * n + [0] + [1] * n, np.int32)[None]
+  patches = np.random.default_rng(1).normal(size=(1, 2 * n + 2, p_dim)).astype(np.float32)
+  t = np.full(mod_L.shape, 300.0, np.float32)
+  out = layers.decode(*layers.encode(patches, t, mod_L))
+  patches[0, 1] += 1.0  # first image's first patch
+  out2 = layers.decode(*layers.encode(patches, t, mod_L))
+  assert out.shape == (1, 2 * n + 2, p_dim)
+  np.testing.assert_allclose(out2[0, n + 2:], out[0, n + 2:], atol=1e-6)
+  assert np.abs(out2[0, 1:1 + n] - out[0, 1:1 + n]).max() > 1e-4
+  for fold in (3, 8):
+    with pytest.raises(ValueError, match="unet_space_to_depth must be a power of two from 1 to"):
+      modality.UNetPatches(patch_size=4, channels=3, grid_side=2, d_model=8, widths=(8,), blocks_per_level=1,
+                           t_embed_dim=8, max_images=1, space_to_depth=fold, rngs=nnx.Rngs(0))
+
+
 def test_scan_and_remat_match_the_plain_loop():
   """Same params: scan_layers + remat="dots" gives the plain loop's loss and gradients."""
   from tfx import losses

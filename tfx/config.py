@@ -40,6 +40,8 @@ def default() -> ml_collections.ConfigDict:
   m.image_pos_embed = "none"         # "sincos2d" adds a fixed (row, column) embedding to each patch vector
   m.unet_channels = (64, 128)        # U-Net down/up block widths (encoder="unet")
   m.unet_blocks_per_level = 1        # residual blocks per U-Net level
+  m.unet_space_to_depth = 1          # U-Net input fold: f > 1 regroups f x f latent cells into channels
+                                     # first (pixel-unshuffle) and drops the full-resolution level
   m.t_embed_dim = 256                # sinusoidal timestep features before the MLP
   m.dtype = "float32"                # compute dtype: "float32" or "bfloat16" (params stay fp32)
   m.attention = "auto"               # "dense" ([L, S] mask), "flash" (tfx/model/flash.py: Triton on GPU,

@@ -107,6 +107,17 @@ def _upsample2(x_NHWC):
   return jnp.repeat(jnp.repeat(x_NHWC, 2, axis=1), 2, axis=2)
 
 
+def space_to_depth(x_NHWC, s: int):
+  """[N, H, W, C] -> [N, H/s, W/s, s*s*C]: each s x s block of cells becomes one cell's channels."""
+  return patching.patchify(x_NHWC, s).reshape(x_NHWC.shape[0], x_NHWC.shape[1] // s, x_NHWC.shape[2] // s, -1)
+
+
+def depth_to_space(x_NHWC, s: int, channels: int):
+  """The inverse of `space_to_depth`: [N, h, w, s*s*C] -> [N, h*s, w*s, C]."""
+  N, h, w, _ = x_NHWC.shape
+  return patching.unpatchify(x_NHWC.reshape(N, h * w, -1), s, channels)
+
+
 def image_offsets(modality_BL, n: int):
   """Each position's index in its image (0..n-1; meaningless off images). An image is n
   consecutive image positions; a run of them may hold several images (BOI/EOI separate runs)."""
@@ -159,7 +170,10 @@ class UNetPatches(nnx.Module):
   """U-Net down blocks to one d_model vector per patch cell, and the mirrored up blocks after.
 
   Each image's n contiguous patches are regrouped into its latent grid [s*k, s*k, c]; log2(k)
-  stride-2 levels bring it to [s, s, d_model], so any power-of-two patch size k works.
+  stride-2 levels bring it to [s, s, d_model], so any power-of-two patch size k works. With
+  `space_to_depth` f > 1 the grid first folds each f x f block of cells into channels
+  ([s*k/f, s*k/f, f*f*c], pixel-unshuffle) and log2(k/f) levels follow: the full-resolution
+  level, the U-Net's dearest on a CPU for its few channels, is not run (unfolded again at the end).
   The U-Net runs on M = min(image.max_images_per_seq, L // n) image slots per row, used or
   not: the packer (tfx/data/packing.py) never puts more images in a record, and
   experiments/transfusion.py sets that cap from the data mix, not from L // n. An image past
@@ -170,19 +184,25 @@ class UNetPatches(nnx.Module):
 
   def __init__(self, *, patch_size: int, channels: int, grid_side: int, d_model: int,
                widths, blocks_per_level: int, t_embed_dim: int, max_images: int,
-               pos_embed: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
+               pos_embed: bool = False, space_to_depth: int = 1, rngs: nnx.Rngs, dtype=jnp.float32):
     n_down = int(round(math.log2(patch_size)))
     if 2 ** n_down != patch_size:
       raise ValueError(f"model.encoder='unet' needs a power-of-two image.patch_size, got {patch_size}")
+    folds = int(round(math.log2(space_to_depth))) if space_to_depth >= 1 else -1
+    if folds < 0 or 2 ** folds != space_to_depth or folds > n_down:
+      raise ValueError(f"model.unet_space_to_depth must be a power of two from 1 to image.patch_size "
+                       f"({patch_size}), got {space_to_depth}")
+    n_down -= folds
     widths = tuple(widths)
     width = lambda level: widths[min(level, len(widths) - 1)]
     self.k, self.c, self.side, self.n_down = patch_size, channels, grid_side, n_down
+    self.fold = space_to_depth
     self.max_images = max_images
     self.pos_embed = pos_embed
     t_dim = width(n_down) * 4
     self.t_embed = TimestepEmbed(t_embed_dim, t_dim, rngs=rngs, dtype=dtype)
     # latent channels (3, 4, 8...) do not split over "fsdp"/"tensor": named like the patch vector
-    self.conv_in = Conv(channels, width(0), 3, rngs=rngs, dtype=dtype, in_name="patch")
+    self.conv_in = Conv(channels * space_to_depth ** 2, width(0), 3, rngs=rngs, dtype=dtype, in_name="patch")
     self.down_blocks = nnx.List([nnx.List([ResBlock(width(l), width(l), t_dim, rngs=rngs, dtype=dtype)
                                            for _ in range(blocks_per_level)]) for l in range(n_down)])
     self.downsamples = nnx.List([Conv(width(l), width(l + 1), 3, stride=2, rngs=rngs, dtype=dtype)
@@ -200,7 +220,7 @@ class UNetPatches(nnx.Module):
                                                   rngs=rngs, dtype=dtype)
                                          for b in range(blocks_per_level)]) for l in range(n_down)])
     self.norm_out = layers.LayerNorm(width(0), rngs=rngs)
-    self.conv_out = Conv(width(0), channels, 3, rngs=rngs, dtype=dtype, out_name="patch")
+    self.conv_out = Conv(width(0), channels * space_to_depth ** 2, 3, rngs=rngs, dtype=dtype, out_name="patch")
 
   def encode(self, patches_BLP, t_BL, modality_BL):
     B, L, P = patches_BLP.shape
@@ -212,7 +232,7 @@ class UNetPatches(nnx.Module):
     grid_XHWC = patching.unpatchify(img_BMNP.reshape(B * M, n, P), self.k, self.c)
     t_X = jnp.take_along_axis(t_BL, starts_BM, axis=1).reshape(B * M)
     temb_XT = self.t_embed(t_X)
-    h = self.conv_in(grid_XHWC)
+    h = self.conv_in(space_to_depth(grid_XHWC, self.fold))
     skips = []
     for level in range(self.n_down):
       for block in self.down_blocks[level]:
@@ -243,7 +263,7 @@ class UNetPatches(nnx.Module):
       h = jnp.concatenate([h, ctx["skips"][level].astype(h.dtype)], axis=-1)
       for block in self.up_blocks[level]:
         h = block(h, temb_XT)
-    grid_XHWC = self.conv_out(jax.nn.silu(self.norm_out(h)))
+    grid_XHWC = depth_to_space(self.conv_out(jax.nn.silu(self.norm_out(h))), self.fold, self.c)
     out_BMNP = patching.patchify(grid_XHWC, self.k).reshape(B, M, n, -1)
     out_BLP = out_BMNP[jnp.arange(B)[:, None], ctx["slot"], jnp.clip(ctx["offset"], 0, n - 1)]
     return out_BLP.astype(jnp.float32)
@@ -265,5 +285,5 @@ def build(config, *, rngs: nnx.Rngs, dtype=jnp.float32):
                        grid_side=side // im.patch_size, d_model=m.d_model, widths=m.unet_channels,
                        blocks_per_level=m.unet_blocks_per_level, t_embed_dim=m.t_embed_dim,
                        max_images=im.max_images_per_seq, pos_embed=m.image_pos_embed == "sincos2d",
-                       rngs=rngs, dtype=dtype)
+                       space_to_depth=m.unet_space_to_depth, rngs=rngs, dtype=dtype)
   raise ValueError(f"model.encoder must be 'linear' or 'unet', got {m.encoder!r}")
