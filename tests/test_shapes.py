@@ -117,3 +117,29 @@ def test_built_dataset_splits():
   held = builders.open_split(path, "heldout")
   assert all({(o.color, o.shape) for o in shapes.Spec.from_json(held[i]["spec"].decode()).objects} & shapes.HELDOUT
              for i in range(len(held)))
+
+
+def _kinds(path: str, split: str) -> dict[str, int]:
+  ds = builders.open_split(path, split)
+  kinds = [shapes.Spec.from_json(ds[i]["spec"].decode()).kind for i in range(len(ds))]
+  return {k: kinds.count(k) for k in shapes.KINDS}
+
+
+def test_kind_weights_reweigh_the_train_split_only_in_a_dataset_of_their_own(tmp_path):
+  c = small_config(str(tmp_path))
+  c.data.shapes_train_size, c.data.shapes_eval_size = 400, 60
+  even = builtin.shapes_dir(c)
+  c.data.shapes_kind_weights = (1, 1, 2)
+  weighted = builtin.shapes_dir(c)
+  assert weighted.rstrip("/").split("/")[-1] == "n400_e60_k0.25-0.25-0.5_r2" and weighted != even
+  c.data.shapes_kind_weights = (2.0, 2.0, 2.0)   # even in any unit: the default dataset, not a new one
+  assert builtin.shapes_dir(c) == even
+  n = _kinds(weighted, "train")
+  assert n["relation"] > 0.4 * 400 and max(n["single"], n["count"]) < 0.33 * 400, n
+  assert _kinds(weighted, "test") == _kinds(even, "test")     # evaluation splits stay even
+  c.data.shapes_kind_weights = (1, 0, 0)
+  assert _kinds(builtin.shapes_dir(c), "train") == {"single": 400, "count": 0, "relation": 0}
+  for bad in ((1, 1), (1, -1, 1), (0, 0, 0)):
+    c.data.shapes_kind_weights = bad
+    with pytest.raises(ValueError, match="shapes_kind_weights must be 3 non-negative weights"):
+      builtin.shapes_dir(c)

@@ -119,6 +119,8 @@ def default() -> ml_collections.ConfigDict:
   dt.prefetch = 2                    # batches prefetched ahead of the step
   dt.shapes_train_size = 50000       # shapes images in the built-in train split
   dt.shapes_eval_size = 1000         # shapes images in each of validation / test / heldout
+  dt.shapes_kind_weights = (1.0, 1.0, 1.0)  # single / count / relation scenes in the built-in train split
+                                     # (the other splits stay even); uneven weights name another dataset
   dt.tokenizer_vocab_size = 1024     # pieces of the default SentencePiece model, its specials included
   dt.max_caption_tokens = 64         # captions are cut to this many tokens
 

@@ -2,6 +2,7 @@
 
 Layout (data_dir defaults to ~/tensorflow_datasets):
   shapes/n{train}_e{eval}_r{REVISION}/1.0.0/    splits train, validation, test, heldout
+  shapes/n{train}_e{eval}_k{p}-{p}-{p}_r{REVISION}/1.0.0/   train's kinds drawn with probabilities p (data.shapes_kind_weights)
   shapes_wide/n{train}_e{eval}_r{REVISION}/1.0.0/   the same splits of the wider world (tfx.data.shapes_wide)
   shapes_edit/n{train}_e{eval}_r{REVISION}/1.0.0/  splits train, test, heldout (sizes: data.shapes_*_size)
   pydoc_topics/r{REVISION}/1.0.0/                splits train, validation
@@ -52,16 +53,32 @@ def _locked(root: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _shape_examples(split: str, n: int, world: str):
+def kind_weights(config) -> tuple[float, ...] | None:
+  """config.data.shapes_kind_weights as probabilities over shapes.KINDS; None when even (the default)."""
+  w = tuple(float(x) for x in config.data.shapes_kind_weights)
+  if len(w) != len(shapes.KINDS) or min(w) < 0 or sum(w) <= 0:
+    raise ValueError(f"data.shapes_kind_weights must be {len(shapes.KINDS)} non-negative weights for "
+                     f"{'/'.join(shapes.KINDS)} scenes, not all zero; got {config.data.shapes_kind_weights!r}")
+  if len(set(w)) == 1:
+    return None
+  return tuple(x / sum(w) for x in w)
+
+
+def _shape_examples(split: str, n: int, world: str, weights: tuple[float, ...] | None = None):
+  """Scenes of one split; `weights` (train only) draws each scene's kind first, from its own stream."""
+  scenes = shapes if world == SHAPES else shapes_wide
+
   def gen():
     split_index = ["train", "validation", "test", "heldout"].index(split)
     for i in range(n):
       rng = np.random.default_rng([_SHAPES_SEED, split_index, i])
+      kind = None
+      if weights is not None:
+        kind = shapes.KINDS[rng.choice(len(shapes.KINDS), p=weights)]
+      spec = scenes.sample_heldout_spec(rng) if split == "heldout" else scenes.sample_spec(rng, kind=kind)
       if world == SHAPES:
-        spec = shapes.sample_heldout_spec(rng) if split == "heldout" else shapes.sample_spec(rng)
         image = shapes.render(spec)
       else:   # the rendering style is drawn from the same stream, after the scene
-        spec = shapes_wide.sample_heldout_spec(rng) if split == "heldout" else shapes_wide.sample_spec(rng)
         image = shapes_wide.render(spec, rng)
       yield f"{split}-{i:08d}", {"image": image, "caption": shapes.caption(spec), "spec": spec.to_json()}
   return gen
@@ -70,7 +87,9 @@ def _shape_examples(split: str, n: int, world: str):
 def shapes_dir(config, world: str = SHAPES) -> str:
   """The shapes dataset (`world`: SHAPES or SHAPES_WIDE) for config.data sizes, built if missing."""
   d = config.data
-  name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}_r{REVISION}"
+  weights = kind_weights(config)
+  kinds = "" if weights is None else "_k" + "-".join(f"{p:.3g}" for p in weights)
+  name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}{kinds}_r{REVISION}"
   root = fs.join(data_dir(config), world, name)
   builder, description = {SHAPES: (builders.Shapes, "Procedural shapes (tfx.data.shapes)"),
                           SHAPES_WIDE: (builders.ShapesWide,
@@ -83,7 +102,8 @@ def shapes_dir(config, world: str = SHAPES) -> str:
     builders.write_dataset(
         builder, local_data_dir,
         builders.image_text_features(resolution=shapes.SIZE, with_spec=True),
-        {s: _shape_examples(s, n, world) for s, n in sizes.items() if n > 0}, config_name=name,
+        {s: _shape_examples(s, n, world, weights if s == "train" else None)
+         for s, n in sizes.items() if n > 0}, config_name=name,
         description=f"{description}; heldout holds colour-shape pairs absent from train.")
     print(f"tfx.data: built {world} {name} in {time.time() - t0:.1f}s under {root}", flush=True)
 

@@ -37,8 +37,8 @@ def place(rng: np.random.Generator, color: str, shape: str, kind: str) -> shapes
                     size)
 
 
-def sample_spec(rng: np.random.Generator) -> shapes.Spec:
-  return shapes.sample_spec(rng, place=place)
+def sample_spec(rng: np.random.Generator, kind: str | None = None) -> shapes.Spec:
+  return shapes.sample_spec(rng, kind=kind, place=place)
 
 
 def sample_heldout_spec(rng: np.random.Generator) -> shapes.Spec:
