@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
     return c
   c.total_steps = 2000
   c.checkpoint_every_steps = 500
+  c.diffusion.loss_weight = 5.0      # the weight this fine-tune was measured with (shapes.py's is now 20)
   o = c.optim
   o.lr, o.warmup_steps, o.end_lr = 1e-3, 50, 5e-5
   return c
