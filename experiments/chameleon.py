@@ -11,8 +11,9 @@ The cache step reads the pixels of data.image_text (the built-in shapes), so it 
 data.image_text points at the cache. An image is BOI + 64 codes + EOI (the continuous model's
 is BOI + 16 patches + EOI), so a record of seq_len 160 holds fewer pairs. The patch and
 diffusion keys of shapes.py do nothing here. Measured against shapes.py at 7200 steps, its
-count before the U-Net fold, in docs/experiments.md (Chameleon section; add
---config.total_steps=7200 to train that run again).
+count before the U-Net fold (with the even mix of scene kinds), in docs/experiments.md
+(Chameleon section; add --config.total_steps=7200 '--config.data.shapes_kind_weights=(1,1,1)'
+to train that run again).
 """
 import importlib.util
 import pathlib

@@ -5,13 +5,13 @@
   python -m tfx.train --config=experiments/shapes.py:long --workdir=/tmp/tfx_long   # ~1.5 hours
 
 Sized for CPU: one step (4 records of 160 positions, ~23 caption-image pairs) runs at
-~10.3 steps/s on 2 idle cores, so 10000 steps plus building the dataset (~30 s) fit the
-20-minute budget of the README's main command: 1076 s measured from an empty HOME. Then,
-over 3 seeds (mean, test / alt split): one-object images pass 80.2% / 71.9%, count 33.3% /
-42.7%, relation 14.6% / 6.2%, and captions are 89.6% / 87.8% exact (docs/evaluation.md);
-":long" (36000 steps, the unfolded U-Net; 109 min wall on cores shared with other jobs,
-7.5 steps/s once alone; test / alt split): one-object 100% / 100%, count 93.8% / 78.1%,
-relation 100% / 96.9%, captions 99.0% / 97.9%.
+~10.3 steps/s on 2 idle cores, so 10000 steps plus building the dataset (~40 s) fit the
+20-minute budget of the README's main command: WALL_S s measured from an empty HOME. Then,
+over 3 seeds (mean, test / alt split): one-object images pass 74.0% / 72.9%, count 45.8% /
+43.8%, relation 35.4% / 44.8%, and captions are 90.3% / 93.1% exact (docs/evaluation.md);
+":long" (36000 steps, the unfolded U-Net, the even mix of kinds; 109 min wall on cores
+shared with other jobs, 7.5 steps/s once alone; test / alt split): one-object 100% / 100%,
+count 93.8% / 78.1%, relation 100% / 96.9%, captions 99.0% / 97.9%.
 """
 from tfx import config as tfx_config
 
@@ -47,7 +47,8 @@ def get_config(arg: str | None = None):
   # (32->16->8->4 px at 8/16/32), the U-Net's forward and backward took 64-75 ms of the step's
   # 126 ms on 2 cores, most of it in the 8-channel 32x32 level; folded it takes 23 ms and the
   # step 94-100 ms (tfx.bench, 60 steps, side by side), 10.3 logged steps/s against 7.3.
-  # 3 seeds at 10000 folded steps against 7200 unfolded (same wall time; mean, test / alt):
+  # 3 seeds at 10000 folded steps against 7200 unfolded (same wall time, even mix, lambda 5;
+  # mean, test / alt):
   # one-object 80.2 / 71.9% vs 62.5 / 72.9%, count 33.3 / 42.7% vs 24.0 / 34.4%, relation
   # 14.6 / 6.2% vs 18.8 / 10.4%, captions 89.6 / 87.8% vs 87.1 / 89.9%.
   m.unet_space_to_depth = 2

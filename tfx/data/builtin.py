@@ -53,7 +53,7 @@ def _locked(root: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def kind_weights(config) -> tuple[float, ...] | None:
+def _kind_weights(config) -> tuple[float, ...] | None:
   """config.data.shapes_kind_weights as probabilities over shapes.KINDS; None when even (the default)."""
   w = tuple(float(x) for x in config.data.shapes_kind_weights)
   if len(w) != len(shapes.KINDS) or min(w) < 0 or sum(w) <= 0:
@@ -65,7 +65,7 @@ def kind_weights(config) -> tuple[float, ...] | None:
 
 
 def _shape_examples(split: str, n: int, world: str, weights: tuple[float, ...] | None = None):
-  """Scenes of one split; `weights` (train only) draws each scene's kind first, from its own stream."""
+  """Scenes of one split; with `weights` (train only) each scene draws its kind first, from its own stream."""
   scenes = shapes if world == SHAPES else shapes_wide
 
   def gen():
@@ -87,7 +87,7 @@ def _shape_examples(split: str, n: int, world: str, weights: tuple[float, ...] |
 def shapes_dir(config, world: str = SHAPES) -> str:
   """The shapes dataset (`world`: SHAPES or SHAPES_WIDE) for config.data sizes, built if missing."""
   d = config.data
-  weights = kind_weights(config)
+  weights = _kind_weights(config)
   kinds = "" if weights is None else "_k" + "-".join(f"{p:.3g}" for p in weights)
   name = f"n{d.shapes_train_size}_e{d.shapes_eval_size}{kinds}_r{REVISION}"
   root = fs.join(data_dir(config), world, name)
