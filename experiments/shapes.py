@@ -5,8 +5,8 @@
   python -m tfx.train --config=experiments/shapes.py:long --workdir=/tmp/tfx_long   # ~1.5 hours
 
 Sized for CPU: one step (4 records of 160 positions, ~23 caption-image pairs) runs at
-~10.3 steps/s on 2 idle cores, so 10000 steps plus building the dataset (~40 s) fit the
-20-minute budget of the README's main command: WALL_S s measured from an empty HOME. Then,
+~9.6-10.3 steps/s on 2 idle cores, so 10000 steps plus building the dataset (~40 s) fit
+the 20-minute budget of the README's main command: 1128 s measured from an empty HOME. Then,
 over 3 seeds (mean, test / alt split): one-object images pass 74.0% / 72.9%, count 45.8% /
 43.8%, relation 35.4% / 44.8%, and captions are 90.3% / 93.1% exact (docs/evaluation.md);
 ":long" (36000 steps, the unfolded U-Net, the even mix of kinds; 109 min wall on cores
