@@ -5,9 +5,12 @@
     --eval_steps=900,1800 --workdir=/tmp/ablations
 
 Each variant changes one key of the default recipe (U-Net patch layers, 8x8 patches, the
-noise limit at 150, lambda 5, bidirectional image attention); the base is drawn with three
+noise limit at 150, lambda, bidirectional image attention); the base is drawn with three
 seeds to show how far two runs of one config differ. 1800 steps per variant: the ten take
-53 minutes on 2 CPU cores (measured, partly shared with tests).
+53 minutes on 2 CPU cores (measured, partly shared with tests). The measured sweep's base
+had lambda 5; shapes.py's is 20 since 2026-12-05, so add --set=diffusion.loss_weight=5 (and
+docs/experiments.md's other flags for the earlier recipe) to run it as measured: without
+it, lambda_20 repeats the base.
 """
 
 VARIANTS = {
