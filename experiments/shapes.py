@@ -85,7 +85,7 @@ def get_config(arg: str | None = None):
   dt.image_text_weight, dt.text_weight = 0.9, 0.1
   dt.caption_first_fraction = 0.5
   # Half the training scenes are relations (single / count / relation 1:1:2, not 1:1:1), and
-  # the diffusion loss weight is 20 (below): relations were the weak kind of both tasks.
+  # the diffusion loss weight is 20 (above): relations were the weak kind of both tasks.
   # 3 seeds against the even mix at weight 5 (mean, test / alt): relation generation 35.4 /
   # 44.8% vs 14.6 / 6.2%, captions 90.3 / 93.1% vs 89.6 / 87.8%, count 45.8 / 43.8% vs 33.3 /
   # 42.7%, one-object 74.0 / 72.9% vs 80.2 / 71.9%. Either change alone (seed 0) did less:
