@@ -91,6 +91,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(env, tmp_path):
       "model shape": (["--config.model.d_model=64"], r"another model shape \(model\.d_model: 32 -> 64\)"),
       "grad accumulation": (["--config.optim.grad_accum_steps=3"],
                             r"global_batch_size 8 is not divisible by optim.grad_accum_steps 3"),
+      "guidance interval": (["--config.diffusion.cfg_interval=(0.8,0.2)"],
+                            r"diffusion.cfg_interval must satisfy 0 <= lo <= hi <= 1, got \(0.8, 0.2\)"),
   }
   procs = {}
   for name, (extra, _) in cases.items():

@@ -1,5 +1,6 @@
 """Cosine schedule, q_sample/targets, DDIM/DDPM with an oracle predictor, CFG."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +97,19 @@ def test_cfg_combine():
   np.testing.assert_allclose(diffusion.cfg_combine(cond, uncond, 1.0), cond)
   np.testing.assert_allclose(diffusion.cfg_combine(cond, uncond, 0.0), uncond)
   np.testing.assert_allclose(diffusion.cfg_combine(cond, uncond, 3.0), [3.0, 4.0])
+
+
+def test_guidance_scales_hold_cfg_scale_inside_the_interval_only():
+  ts = diffusion.sample_timesteps(50, 1000)   # 999 ... 0
+  np.testing.assert_array_equal(diffusion.guidance_scales(ts, 3.0, (0.0, 1.0), 1000), np.full(50, 3.0))
+  scales = diffusion.guidance_scales(ts, 5.0, (0.0, 0.6), 1000)
+  np.testing.assert_array_equal(scales, np.where(ts <= 599, 5.0, 1.0))   # t / 999 <= 0.6
+  assert 0 < (scales == 5.0).sum() < 50 and scales.dtype == np.float32
+  np.testing.assert_array_equal(diffusion.guidance_scales(ts, 5.0, (0.2, 0.8), 1000),
+                                np.where((ts >= 199.8) & (ts <= 799.2), 5.0, 1.0))
+  assert diffusion.check_cfg_interval([0, 1]) == (0.0, 1.0)
+  for bad, message in (((0.7, 0.2), "0 <= lo <= hi <= 1"), ((-0.1, 0.5), "0 <= lo <= hi <= 1"),
+                       ((0.0, 1.5), "0 <= lo <= hi <= 1"), ((0.5,), "two numbers"), ("ab", "two numbers"),
+                       (0.5, "two numbers")):
+    with pytest.raises(ValueError, match=f"diffusion.cfg_interval must .*{re.escape(message)}"):
+      diffusion.guidance_scales(ts, 3.0, bad, 1000)

@@ -356,3 +356,29 @@ def test_interleaved_batch_equals_one_by_one(gen, tok):
   kw = dict(seed=1, max_tokens=5, max_images=1, temperature=1.0, top_k=8, steps=2, cfg_scale=1.0)
   together = gen.generate_batch([["a red circle"], ["two"], ["one blue square"]], **kw)
   assert together[1] == gen.generate(["two"], first_index=1, **kw)
+
+
+def test_guidance_interval(gen):
+  """cfg_interval (0, 1) guides every step, as before it existed; an interval that holds no step
+  samples the conditional prediction alone (cfg_scale 1, to float rounding); one that holds some
+  steps is neither."""
+  kw = dict(seed=3, steps=4, sampler="ddim", cfg_scale=3.0)   # steps at t = 999, 666, 333, 0
+  full = gen.text_to_image(PROMPTS, **kw)
+  np.testing.assert_array_equal(gen.text_to_image(PROMPTS, cfg_interval=(0.0, 1.0), **kw), full)
+  unguided = gen.text_to_image(PROMPTS, **{**kw, "cfg_scale": 1.0}).astype(int)
+  none = gen.text_to_image(PROMPTS, cfg_interval=(0.4, 0.6), **kw).astype(int)
+  assert np.abs(none - unguided).max() <= 1 and np.abs(none - full.astype(int)).max() > 8
+  low = gen.text_to_image(PROMPTS, cfg_interval=(0.0, 0.5), **kw).astype(int)
+  assert min(np.abs(low - unguided).max(), np.abs(low - full.astype(int)).max()) > 8
+  gen.config.diffusion.cfg_interval = (0.4, 0.6)   # the config's interval is the default
+  try:
+    np.testing.assert_array_equal(gen.text_to_image(PROMPTS, **kw).astype(int), none)
+  finally:
+    gen.config.diffusion.cfg_interval = (0.0, 1.0)
+  with pytest.raises(ValueError, match="cfg_interval must satisfy"):
+    gen.text_to_image(PROMPTS, cfg_interval=(0.6, 0.4), **kw)
+  # interleaved generation guides its images the same way
+  kwi = dict(seed=3, max_tokens=1, max_images=1, image_next=True, steps=4, sampler="ddim")
+  image = lambda **k: gen.generate_batch([["a red circle"]], **kwi, **k)[0][0].astype(int)
+  assert np.abs(image(cfg_scale=3.0, cfg_interval=(0.4, 0.6)) - image(cfg_scale=1.0)).max() <= 1
+  assert np.abs(image(cfg_scale=3.0) - image(cfg_scale=1.0)).max() > 8

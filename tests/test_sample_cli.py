@@ -46,6 +46,12 @@ def test_prompt_writes_pngs_and_grid(workdir, tmp_path, capsys):
   assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "grid.png"]
   assert np.asarray(Image.open(out / "00000.png")).shape == (16, 16, 3)
   assert "images 3/3" in err
+  # guidance limited to an interval of noise levels draws other images from the same noise
+  code, _, err = run_cli(["--workdir", workdir, "--prompt", "a red circle", "--num", "1", "--out", str(out / "gi"),
+                          "--seed", "1", "--cfg_scale", "2.5", "--sampler", "ddpm", "--cfg_interval", "0.4", "0.6"],
+                         capsys)
+  assert code == 0, err
+  assert not np.array_equal(np.asarray(Image.open(out / "gi" / "00000.png")), np.asarray(Image.open(out / "00000.png")))
   # never overwrites: the same folder again is refused and the files stay
   before = (out / "00000.png").read_bytes()
   code, _, err = run_cli(["--workdir", workdir, "--prompt", "x", "--num", "1", "--out", str(out)], capsys)
@@ -128,7 +134,8 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
   assert code == 2 and "not a folder" in err and blank.read_text() == "\n  \n"
   for argv in (["--workdir", workdir, "--prompt", "  ", "--out", "o"],   # empty prompt
                ["--workdir", workdir, "--out", "o"],                     # no mode
-               ["--workdir", workdir, "--prompt", "a"]):                 # no --out
+               ["--workdir", workdir, "--prompt", "a"],                  # no --out
+               ["--workdir", workdir, "--prompt", "a", "--out", "o", "--cfg_interval", "1", "0"]):
     with pytest.raises(SystemExit) as e:
       sample.parse_args(argv)
     assert e.value.code == 2

@@ -12,3 +12,18 @@ class ArgumentParser(argparse.ArgumentParser):
   def error(self, message: str):
     print(f"{self.prog}: error: {message}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
+
+
+def add_cfg_interval_flag(p: argparse.ArgumentParser) -> None:
+  """--cfg_interval LO HI: overrides config.diffusion.cfg_interval (tfx.sample, tfx.evaluate)."""
+  p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                 help="guide only the denoising steps with t / (T - 1) in [LO, HI] (default: config)")
+
+
+def check_cfg_interval_flag(p: argparse.ArgumentParser, value) -> None:
+  if value is not None:
+    from tfx import diffusion
+    try:
+      diffusion.check_cfg_interval(value)
+    except ValueError as e:
+      p.error(str(e).replace("diffusion.cfg_interval", "--cfg_interval"))

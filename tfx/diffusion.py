@@ -147,3 +147,23 @@ def ddpm_step(schedule: Schedule, x_t, t, t_prev, model_out, prediction: str, no
 def cfg_combine(cond, uncond, scale: float):
   """Classifier-free guidance: uncond + scale * (cond - uncond)."""
   return uncond + scale * (cond - uncond)
+
+
+def check_cfg_interval(interval) -> tuple[float, float]:
+  """diffusion.cfg_interval as (lo, hi) floats; raises ValueError unless 0 <= lo <= hi <= 1."""
+  try:
+    lo, hi = (float(v) for v in interval)
+  except (TypeError, ValueError):
+    raise ValueError(f"diffusion.cfg_interval must be two numbers (lo, hi), got {interval!r}") from None
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise ValueError(f"diffusion.cfg_interval must satisfy 0 <= lo <= hi <= 1, got ({lo:g}, {hi:g})")
+  return lo, hi
+
+
+def guidance_scales(timesteps: np.ndarray, cfg_scale: float, interval, num_timesteps: int) -> np.ndarray:
+  """Per-step guidance scales (float32): `cfg_scale` at the steps whose t / (T - 1) lies in
+  [lo, hi] of `interval`, 1 (the conditional prediction alone) elsewhere: guidance limited to
+  an interval of noise levels (Kynkaanniemi et al., 2024)."""
+  lo, hi = check_cfg_interval(interval)
+  u = np.asarray(timesteps, np.float64) / max(num_timesteps - 1, 1)
+  return np.where((u >= lo) & (u <= hi), np.float32(cfg_scale), np.float32(1.0)).astype(np.float32)

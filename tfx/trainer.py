@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from tfx import checkpoint as ckpt_lib
+from tfx import diffusion
 from tfx import lock as lock_lib
 from tfx import loop
 from tfx import mesh as mesh_lib
@@ -84,6 +85,7 @@ def validate(config, workdir, allow_config_change=()) -> jax.sharding.Mesh:
                       f"the data-parallel size {dp} (mesh data*fsdp = {dict(mesh.shape)})")
   try:
     loop.FiniteGuard(config.optim.nan_policy, config.optim.max_skips_in_row)
+    diffusion.check_cfg_interval(config.diffusion.cfg_interval)  # sample grids use it: refuse before training
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _check_workdir_writable(workdir)

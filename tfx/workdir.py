@@ -28,9 +28,9 @@ SAFE_TO_CHANGE = (
     "eval_every_steps", "sample_every_steps", "sample_prompts", "profile_start_step", "profile_steps",
     "optim.end_lr", "mesh.", "model.remat", "model.attention", "model.loss_chunk", "data.prefetch",
     "data.data_dir", "data.shapes_eval_size", "diffusion.sampler", "diffusion.sample_steps",
-    "diffusion.cfg_scale", "autoencoder.train_steps", "autoencoder.train_batch_size",
-    "autoencoder.train_lr", "autoencoder.eval_images", "init_from", "optim.nan_policy",
-    "optim.max_skips_in_row")
+    "diffusion.cfg_scale", "diffusion.cfg_interval", "autoencoder.train_steps",
+    "autoencoder.train_batch_size", "autoencoder.train_lr", "autoencoder.eval_images", "init_from",
+    "optim.nan_policy", "optim.max_skips_in_row")
 # Keys that decide which examples fill which rows: when one changes (allowed), the data
 # iterator cannot continue from its saved position and starts afresh.
 DATA_ORDER_KEYS = ("seed", "global_batch_size", "seq_len", "data.", "image.max_images_per_seq")

@@ -27,6 +27,7 @@ class Options:
   cfg_scales: tuple = (None,)       # None = config.diffusion.cfg_scale
   steps: tuple = (None,)            # None = config.diffusion.sample_steps
   sampler: str | None = None        # None = config.diffusion.sampler
+  cfg_interval: tuple | None = None  # None = config.diffusion.cfg_interval
   seed: int = 0
   batch_size: int = 48
   caption_tokens: int = 24          # longest generated caption
@@ -45,10 +46,11 @@ def sweep_suffix(cfg_scale, steps, first: bool) -> str:
   return "" if first else f"@cfg{cfg_scale:g}_steps{steps}"
 
 
-def generate_images(gen, captions: list[str], *, batch_size: int, seed: int, cfg_scale, steps, sampler):
+def generate_images(gen, captions: list[str], *, batch_size: int, seed: int, cfg_scale, steps, sampler,
+                    cfg_interval=None):
   """uint8 [N, H, W, 3]; sample i's noise depends only on (seed, i)."""
   return gen.text_to_image(captions, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                           batch_size=batch_size)
+                           cfg_interval=cfg_interval, batch_size=batch_size)
 
 
 def generate_captions(gen, images: np.ndarray, *, batch_size: int, max_tokens: int, seed: int) -> list[str]:
@@ -163,7 +165,8 @@ def run(config, model, options: Options = Options(), *, log: Callable = _log_to_
   for i, (cfg_scale, steps) in enumerate(combos):
     t = time.time()
     images = generate_images(gen, pairs.captions, batch_size=options.batch_size, seed=options.seed,
-                             cfg_scale=cfg_scale, steps=steps, sampler=options.sampler)
+                             cfg_scale=cfg_scale, steps=steps, sampler=options.sampler,
+                             cfg_interval=options.cfg_interval)
     suffix = sweep_suffix(cfg_scale, steps, i == 0)
     scores = text_to_image_scores(pairs, images) if pairs.has_kinds else {}
     metrics.update({k + suffix: v for k, v in scores.items()})

@@ -114,18 +114,20 @@ def decode(graphdef, params, cache, logits_BV, next_pos_B, rng, limit, banned_V,
 def denoise_loop(predict, params, schedule, x_T_BnP, keys_B, cfg_scale, *, steps: int, sampler: str,
                   prediction: str, guided: bool):
   """Runs `steps` sampler steps from pure noise; `predict(params, x_XnP, t)` gives [cond; uncond] outputs.
+  `cfg_scale` is one guidance scale, or one per step ([steps]: diffusion.guidance_scales).
 
   params ride in the loop carry so that NNX transforms inside the model see them at the loop's level."""
   T = schedule.num_timesteps
   ts_np = diffusion.sample_timesteps(steps, T)
   ts, ts_prev = jnp.asarray(ts_np), jnp.asarray(diffusion.previous_timesteps(ts_np))
   B = x_T_BnP.shape[0]
+  cfg_scale_S = jnp.broadcast_to(jnp.asarray(cfg_scale, jnp.float32), (steps,))
 
   def body(i, state):
     x_BnP, params = state
     t, t_prev = ts[i], ts_prev[i]
     out_XnP = predict(params, jnp.concatenate([x_BnP, x_BnP]) if guided else x_BnP, t)
-    out_BnP = diffusion.cfg_combine(out_XnP[:B], out_XnP[B:], cfg_scale) if guided else out_XnP
+    out_BnP = diffusion.cfg_combine(out_XnP[:B], out_XnP[B:], cfg_scale_S[i]) if guided else out_XnP
     if sampler == "ddim":
       return diffusion.ddim_step(schedule, x_BnP, t, t_prev, out_BnP, prediction), params
     noise_BnP = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BnP.shape[1:]))(keys_B)
