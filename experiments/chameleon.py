@@ -39,4 +39,7 @@ def get_config(arg: str | None = None):
   ae.kind, ae.latent_channels, ae.downsample = "vq", 8, 4
   ae.codebook_size = 16 if arg == "tiny" else 256
   c.image.patch_size = 1             # unused by discrete images; any divisor of the 8x8 code grid
+  # Guidance on the code logits, at the scale it was measured with; discrete images have no
+  # timesteps, so shapes.py's interval of noise levels does not apply.
+  c.diffusion.cfg_scale, c.diffusion.cfg_interval = 3.0, (0.0, 1.0)
   return c

@@ -41,6 +41,8 @@ def get_config(arg: str | None = None):
   c.total_steps = 2000
   c.checkpoint_every_steps = 500
   c.diffusion.loss_weight = 5.0      # the weight this fine-tune was measured with (shapes.py's is now 20)
+  # and its edits were sampled with guidance 3 at every step (shapes.py's: 5 below 0.6 T)
+  c.diffusion.cfg_scale, c.diffusion.cfg_interval = 3.0, (0.0, 1.0)
   o = c.optim
   o.lr, o.warmup_steps, o.end_lr = 1e-3, 50, 5e-5
   return c

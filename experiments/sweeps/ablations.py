@@ -9,8 +9,8 @@ noise limit at 150, lambda, bidirectional image attention); the base is drawn wi
 seeds to show how far two runs of one config differ. 1800 steps per variant: the ten take
 53 minutes on 2 CPU cores (measured, partly shared with tests). The measured sweep's base
 had lambda 5; shapes.py's is 20 since 2026-12-05, so add --set=diffusion.loss_weight=5 (and
-docs/experiments.md's other flags for the earlier recipe) to run it as measured: without
-it, lambda_20 repeats the base.
+docs/experiments.md's other flags for the earlier recipe, guidance 3 at every step among
+them) to run it as measured: without it, lambda_20 repeats the base.
 """
 
 VARIANTS = {
