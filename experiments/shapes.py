@@ -108,7 +108,8 @@ def get_config(arg: str | None = None):
 
   if arg == "long":
     c.total_steps = 36000             # 88 min (weight 5) on idle cores, 7.5 steps/s (weight 20)
-    # Measured (below) with the unfolded U-Net; the fold is not measured at this length.
+    # Measured (below) with the unfolded U-Net; one folded run at this length missed the
+    # caption floor (95.8% / 96.9%, docs/evaluation.md).
     m.unet_space_to_depth, m.unet_channels = 1, (8, 16, 32)
     c.checkpoint_every_steps = 4000
     c.sample_every_steps = 12000
