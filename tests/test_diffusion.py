@@ -113,3 +113,35 @@ def test_guidance_scales_hold_cfg_scale_inside_the_interval_only():
                        (0.5, "two numbers")):
     with pytest.raises(ValueError, match=f"diffusion.cfg_interval must .*{re.escape(message)}"):
       diffusion.guidance_scales(ts, 3.0, bad, 1000)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_clip_x0_bounds_x0_and_keeps_the_step_consistent(schedule, prediction):
+  """clip_x0 bounds the predicted x0 and re-derives eps from it (x_t = sqrt(ab) x0 + sqrt(1-ab) eps
+  still holds); 0 leaves both as they were; a bound the prediction never reaches changes nothing."""
+  rng = np.random.default_rng(1)
+  x_t, out = (jnp.asarray(3 * rng.normal(size=(4, 6)), jnp.float32) for _ in range(2))
+  t = jnp.asarray([10, 300, 600, 999])
+  x0, eps = diffusion.predict_x0_eps(schedule, x_t, t, out, prediction)
+  assert float(jnp.abs(x0).max()) > 1   # the case clipping is for
+  cx0, ceps = diffusion.predict_x0_eps(schedule, x_t, t, out, prediction, clip_x0=1.0)
+  np.testing.assert_array_equal(cx0, jnp.clip(x0, -1, 1))
+  ab = np.asarray(diffusion.alpha_bar(schedule, t))[:, None]
+  np.testing.assert_allclose(np.sqrt(ab) * cx0 + np.sqrt(1 - ab) * ceps, x_t, rtol=1e-4, atol=1e-4)
+  same = diffusion.predict_x0_eps(schedule, x_t, t, out, prediction, clip_x0=1e6)
+  np.testing.assert_allclose(same[0], x0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(same[1], eps, rtol=1e-4, atol=1e-4)
+  # the samplers step towards the clipped x0
+  step = diffusion.ddim_step(schedule, x_t, t, t - 10, out, prediction, clip_x0=1.0)
+  ab_prev = np.asarray(diffusion.alpha_bar(schedule, t - 10))[:, None]
+  np.testing.assert_allclose(step, np.sqrt(ab_prev) * cx0 + np.sqrt(1 - ab_prev) * ceps, rtol=1e-4, atol=1e-4)
+  noise = jnp.zeros_like(x_t)
+  assert not np.allclose(diffusion.ddpm_step(schedule, x_t, t, t - 10, out, prediction, noise, 1.0),
+                         diffusion.ddpm_step(schedule, x_t, t, t - 10, out, prediction, noise))
+
+
+def test_check_clip_x0():
+  assert diffusion.check_clip_x0(0) == 0.0 and diffusion.check_clip_x0("1.5") == 1.5
+  for bad in (-1.0, float("nan"), float("inf"), "abc", None):
+    with pytest.raises(ValueError, match=re.escape(f"diffusion.clip_x0 must be a number >= 0 (0 = off), got {bad!r}")):
+      diffusion.check_clip_x0(bad)

@@ -382,3 +382,24 @@ def test_guidance_interval(gen):
   image = lambda **k: gen.generate_batch([["a red circle"]], **kwi, **k)[0][0].astype(int)
   assert np.abs(image(cfg_scale=3.0, cfg_interval=(0.4, 0.6)) - image(cfg_scale=1.0)).max() <= 1
   assert np.abs(image(cfg_scale=3.0) - image(cfg_scale=1.0)).max() > 8
+
+
+def test_clip_x0(gen):
+  """clip_x0 changes what an untrained model's overshooting x0 predictions draw; a bound no
+  prediction reaches equals no clipping; the config's value is the default; a bad one is refused."""
+  kw = dict(seed=3, steps=4, sampler="ddim", cfg_scale=3.0)
+  off = gen.text_to_image(PROMPTS, **kw).astype(int)
+  assert np.abs(gen.text_to_image(PROMPTS, clip_x0=1.0, **kw).astype(int) - off).max() > 8
+  assert np.abs(gen.text_to_image(PROMPTS, clip_x0=1e6, **kw).astype(int) - off).max() <= 1
+  gen.config.diffusion.clip_x0 = 1.0
+  try:
+    np.testing.assert_array_equal(gen.text_to_image(PROMPTS, **kw).astype(int),
+                                  gen.text_to_image(PROMPTS, clip_x0=1.0, **kw).astype(int))
+    np.testing.assert_array_equal(gen.text_to_image(PROMPTS, clip_x0=0.0, **kw).astype(int), off)
+  finally:
+    gen.config.diffusion.clip_x0 = 0.0
+  with pytest.raises(ValueError, match="clip_x0 must be a number >= 0"):
+    gen.text_to_image(PROMPTS, clip_x0=-1.0, **kw)
+  kwi = dict(max_tokens=1, max_images=1, image_next=True, **kw)   # interleaved images too
+  image = lambda **k: gen.generate_batch([["a red circle"]], **kwi, **k)[0][0].astype(int)
+  assert np.abs(image(clip_x0=1.0) - image()).max() > 8

@@ -52,6 +52,11 @@ def test_prompt_writes_pngs_and_grid(workdir, tmp_path, capsys):
                          capsys)
   assert code == 0, err
   assert not np.array_equal(np.asarray(Image.open(out / "gi" / "00000.png")), np.asarray(Image.open(out / "00000.png")))
+  # so does clipping each step's predicted x0 (an untrained model's overshoots)
+  code, _, err = run_cli(["--workdir", workdir, "--prompt", "a red circle", "--num", "1", "--out", str(out / "clip"),
+                          "--seed", "1", "--cfg_scale", "2.5", "--sampler", "ddpm", "--clip_x0", "1"], capsys)
+  assert code == 0, err
+  assert not np.array_equal(np.asarray(Image.open(out / "clip" / "00000.png")), np.asarray(Image.open(out / "00000.png")))
   # never overwrites: the same folder again is refused and the files stay
   before = (out / "00000.png").read_bytes()
   code, _, err = run_cli(["--workdir", workdir, "--prompt", "x", "--num", "1", "--out", str(out)], capsys)
@@ -135,7 +140,8 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
   for argv in (["--workdir", workdir, "--prompt", "  ", "--out", "o"],   # empty prompt
                ["--workdir", workdir, "--out", "o"],                     # no mode
                ["--workdir", workdir, "--prompt", "a"],                  # no --out
-               ["--workdir", workdir, "--prompt", "a", "--out", "o", "--cfg_interval", "1", "0"]):
+               ["--workdir", workdir, "--prompt", "a", "--out", "o", "--cfg_interval", "1", "0"],
+               ["--workdir", workdir, "--prompt", "a", "--out", "o", "--clip_x0", "nan"]):
     with pytest.raises(SystemExit) as e:
       sample.parse_args(argv)
     assert e.value.code == 2

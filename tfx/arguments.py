@@ -27,3 +27,18 @@ def check_cfg_interval_flag(p: argparse.ArgumentParser, value) -> None:
       diffusion.check_cfg_interval(value)
     except ValueError as e:
       p.error(str(e).replace("diffusion.cfg_interval", "--cfg_interval"))
+
+
+def add_clip_x0_flag(p: argparse.ArgumentParser) -> None:
+  """--clip_x0 C: overrides config.diffusion.clip_x0 (tfx.sample, tfx.evaluate)."""
+  p.add_argument("--clip_x0", type=float, default=None, metavar="C",
+                 help="clip each denoising step's predicted x0 to [-C, C]; 0 = off (default: config)")
+
+
+def check_clip_x0_flag(p: argparse.ArgumentParser, value) -> None:
+  if value is not None:
+    from tfx import diffusion
+    try:
+      diffusion.check_clip_x0(value)
+    except ValueError as e:
+      p.error(str(e).replace("diffusion.clip_x0", "--clip_x0"))

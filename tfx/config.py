@@ -99,6 +99,8 @@ def default() -> ml_collections.ConfigDict:
   d.cfg_scale = 3.0                  # classifier-free guidance scale at inference
   d.cfg_interval = (0.0, 1.0)        # guide only the steps with t / (T - 1) in [lo, hi]; elsewhere the
                                      # conditional prediction alone (Kynkaanniemi et al., 2024)
+  d.clip_x0 = 0.0                    # > 0: sampling clips each step's predicted x0 to [-c, c] (pixels: 1,
+                                     # their range); 0 = off
   d.read_only_cache = True           # denoising steps only read the KV cache (False: each step writes its chunk, as before)
   d.loss_weighting = "none"          # x0-error weight: "none" (the target's own), "min_snr" (min(SNR, gamma)),
                                      # "clipped_v" (min(SNR, gamma) + 1: v's SNR + 1, clipped)

@@ -88,8 +88,11 @@ def target(schedule: Schedule, x0, t, eps, prediction: str):
   return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
 
 
-def predict_x0_eps(schedule: Schedule, x_t, t, model_out, prediction: str):
+def predict_x0_eps(schedule: Schedule, x_t, t, model_out, prediction: str, clip_x0: float = 0.0):
   """(x0_hat, eps_hat) from the model output (eps, v or x0) at x_t.
+
+  clip_x0 > 0 clips x0_hat to [-clip_x0, clip_x0] (the data's range) and re-derives eps_hat from
+  it, so the sampler's step stays on the line from x_t to the clipped x0_hat (DDPM's clip_denoised).
 
   With eps at t near T-1, x0_hat divides by sqrt(abar) ~ 5e-5, so fp32 rounding
   in x_t alone costs ~2e-3; v-prediction has no such division. x0's eps_hat
@@ -105,7 +108,21 @@ def predict_x0_eps(schedule: Schedule, x_t, t, model_out, prediction: str):
   else:
     x0 = jnp.sqrt(ab) * x_t - jnp.sqrt(1 - ab) * model_out
     eps = jnp.sqrt(1 - ab) * x_t + jnp.sqrt(ab) * model_out
+  if clip_x0 > 0:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
   return x0, eps
+
+
+def check_clip_x0(clip_x0) -> float:
+  """diffusion.clip_x0 as a float: 0 (off) or a positive bound."""
+  try:
+    value = float(clip_x0)
+  except (TypeError, ValueError):
+    value = float("nan")
+  if not 0 <= value < float("inf"):
+    raise ValueError(f"diffusion.clip_x0 must be a number >= 0 (0 = off), got {clip_x0!r}")
+  return value
 
 
 def sample_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
@@ -121,9 +138,9 @@ def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
 
 
 def ddim_step(schedule: Schedule, x_t, t, t_prev, model_out, prediction: str, *, eta: float = 0.0,
-              noise=None):
+              noise=None, clip_x0: float = 0.0):
   """One DDIM step x_t -> x_{t_prev}; eta=0 is deterministic, eta=1 matches DDPM's variance."""
-  x0, eps = predict_x0_eps(schedule, x_t, t, model_out, prediction)
+  x0, eps = predict_x0_eps(schedule, x_t, t, model_out, prediction, clip_x0)
   ab, ab_prev = _bcast(alpha_bar(schedule, t), x_t), _bcast(alpha_bar(schedule, t_prev), x_t)
   sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
   x_prev = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
@@ -134,9 +151,9 @@ def ddim_step(schedule: Schedule, x_t, t, t_prev, model_out, prediction: str, *,
   return x_prev
 
 
-def ddpm_step(schedule: Schedule, x_t, t, t_prev, model_out, prediction: str, noise):
+def ddpm_step(schedule: Schedule, x_t, t, t_prev, model_out, prediction: str, noise, clip_x0: float = 0.0):
   """Ancestral step from the posterior q(x_{t_prev} | x_t, x0_hat); works for skipped steps too."""
-  x0, _ = predict_x0_eps(schedule, x_t, t, model_out, prediction)
+  x0, _ = predict_x0_eps(schedule, x_t, t, model_out, prediction, clip_x0)
   ab, ab_prev = _bcast(alpha_bar(schedule, t), x_t), _bcast(alpha_bar(schedule, t_prev), x_t)
   alpha = ab / ab_prev
   mean = (jnp.sqrt(ab_prev) * (1 - alpha) * x0 + jnp.sqrt(alpha) * (1 - ab_prev) * x_t) / (1 - ab)

@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: config)")
   p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: config")
   arguments.add_cfg_interval_flag(p)
+  arguments.add_clip_x0_flag(p)
   p.add_argument("--temperature", type=float, default=0.0, help="caption sampling; 0 = greedy")
   p.add_argument("--max_tokens", type=int, default=32, help="longest caption (--interleaved: all text) in tokens")
   p.add_argument("--max_images", type=int, default=1, help="--interleaved: most images to generate")
@@ -79,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.step is not None and args.step < 0:
     p.error(f"--step must be >= 0, got {args.step}")
   arguments.check_cfg_interval_flag(p, args.cfg_interval)
+  arguments.check_clip_x0_flag(p, args.clip_x0)
   if args.max_images < 0:
     p.error(f"--max_images must be >= 0, got {args.max_images}")
   return args
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--steps {args.steps} exceeds the {config.diffusion.num_timesteps} training timesteps")
       if args.cfg_interval is not None:
         config.diffusion.cfg_interval = tuple(args.cfg_interval)
+      if args.clip_x0 is not None:
+        config.diffusion.clip_x0 = args.clip_x0
       if args.image and args.max_tokens > config.seq_len:
         raise UsageError(f"--max_tokens {args.max_tokens} exceeds the model's context (seq_len {config.seq_len})")
       try:

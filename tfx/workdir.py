@@ -28,7 +28,7 @@ SAFE_TO_CHANGE = (
     "eval_every_steps", "sample_every_steps", "sample_prompts", "profile_start_step", "profile_steps",
     "optim.end_lr", "mesh.", "model.remat", "model.attention", "model.loss_chunk", "data.prefetch",
     "data.data_dir", "data.shapes_eval_size", "diffusion.sampler", "diffusion.sample_steps",
-    "diffusion.cfg_scale", "diffusion.cfg_interval", "autoencoder.train_steps",
+    "diffusion.cfg_scale", "diffusion.cfg_interval", "diffusion.clip_x0", "autoencoder.train_steps",
     "autoencoder.train_batch_size", "autoencoder.train_lr", "autoencoder.eval_images", "init_from",
     "optim.nan_policy", "optim.max_skips_in_row")
 # Keys that decide which examples fill which rows: when one changes (allowed), the data

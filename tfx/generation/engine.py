@@ -70,7 +70,8 @@ class Generator:
     self._decode = jax.jit(functools.partial(kernels.decode, g, patch_dim=self.patch_dim, pad_id=pad),
                            static_argnames=("max_new", "temperature", "top_k", "top_p"))
     statics = ("steps", "sampler", "prediction", "guided", "pad_id")
-    self._denoise = jax.jit(functools.partial(kernels.denoise_cached, g), static_argnames=statics + ("read_only",))
+    self._denoise = jax.jit(functools.partial(kernels.denoise_cached, g),
+                            static_argnames=statics + ("read_only", "clip_x0"))
     self._denoise_recompute = jax.jit(functools.partial(kernels.denoise_recompute, g), static_argnames=statics)
     self._sample_codes = jax.jit(functools.partial(kernels.sample_codes, g, patch_dim=self.patch_dim),
                                  static_argnames=("n", "code_start", "code_end", "guided"))
@@ -165,12 +166,13 @@ class Generator:
     logits_BV, cache = self._prefill(self.params, ubatch, cache)
     return cache, lengths, logits_BV
 
-  def _sampling_args(self, steps, cfg_scale, sampler, cfg_interval):
+  def _sampling_args(self, steps, cfg_scale, sampler, cfg_interval, clip_x0):
     d = self.config.diffusion
     steps = d.sample_steps if steps is None else int(steps)
     cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
     sampler = d.sampler if sampler is None else sampler
     cfg_interval = diffusion.check_cfg_interval(d.cfg_interval if cfg_interval is None else cfg_interval)
+    clip_x0 = diffusion.check_clip_x0(d.clip_x0 if clip_x0 is None else clip_x0)
     if not cfg_scale >= 0:
       raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if sampler not in ("ddim", "ddpm"):
@@ -178,8 +180,11 @@ class Generator:
     if self.discrete and cfg_interval != (0.0, 1.0):
       raise ValueError(f"diffusion.cfg_interval {cfg_interval} limits guidance to diffusion timesteps, which "
                        "discrete images (model.image_mode='discrete') do not have; leave it (0, 1)")
+    if self.discrete and clip_x0:
+      raise ValueError(f"diffusion.clip_x0 {clip_x0} clips a predicted x0, which discrete images "
+                       "(model.image_mode='discrete') do not have; leave it 0")
     diffusion.sample_timesteps(steps, d.num_timesteps)  # validates the step count
-    return steps, cfg_scale, sampler, cfg_interval
+    return steps, cfg_scale, sampler, cfg_interval, clip_x0
 
   def _step_scales(self, steps: int, cfg_scale: float, cfg_interval) -> jax.Array:
     """The guidance scale of each denoising step (1 outside cfg_interval)."""
@@ -187,12 +192,13 @@ class Generator:
     return jnp.asarray(diffusion.guidance_scales(diffusion.sample_timesteps(steps, T), cfg_scale, cfg_interval, T))
 
   def denoise_image(self, cache, start_B, length: int, image_id: int, keys_B, *, steps=None, cfg_scale=None,
-                    sampler=None, cfg_interval=None, logits_BV=None) -> jax.Array:
+                    sampler=None, cfg_interval=None, clip_x0=None, logits_BV=None) -> jax.Array:
     """Patches [B, n, P] of a new image after the cached prefix (which ends with BOI at `length` - 1).
 
     Discrete (model.image_mode): codes [B, n] sampled after BOI from `logits_BV`, the prefix's last
-    logits (steps, sampler and cfg_interval do not apply)."""
-    steps, cfg_scale, sampler, cfg_interval = self._sampling_args(steps, cfg_scale, sampler, cfg_interval)
+    logits (steps, sampler, cfg_interval and clip_x0 do not apply)."""
+    steps, cfg_scale, sampler, cfg_interval, clip_x0 = self._sampling_args(steps, cfg_scale, sampler,
+                                                                            cfg_interval, clip_x0)
     B = start_B.shape[0]
     guided = cfg_scale != 1.0
     if guided:
@@ -210,7 +216,7 @@ class Generator:
                          jnp.int32(image_id), step_keys, self._step_scales(steps, cfg_scale, cfg_interval),
                          steps=steps, sampler=sampler,
                          prediction=self.prediction, guided=guided, pad_id=self.tokenizer.pad_id,
-                         read_only=bool(self.config.diffusion.read_only_cache))
+                         read_only=bool(self.config.diffusion.read_only_cache), clip_x0=clip_x0)
 
   def _prefill_prompts(self, prompts: list[dict], extra: int):
     """Left-pads and caches prompts; returns (logits of each last position, cache, lengths_B, padded length)."""
@@ -263,20 +269,22 @@ class Generator:
     return results
 
   def text_to_image(self, prompts: list[str], *, seed: int = 0, first_index: int = 0, steps=None,
-                    cfg_scale=None, sampler=None, cfg_interval=None, batch_size: int = 16,
+                    cfg_scale=None, sampler=None, cfg_interval=None, clip_x0=None, batch_size: int = 16,
                     progress=None) -> np.ndarray:
     """uint8 [N, H, W, 3], one image per caption; sample i's noise comes from (seed, first_index + i).
 
-    steps / cfg_scale / sampler / cfg_interval default to config.diffusion; cfg_scale 1 runs no
-    unconditional branch. `progress(done, total)` is called after each batch."""
-    steps, cfg_scale, sampler, cfg_interval = self._sampling_args(steps, cfg_scale, sampler, cfg_interval)
+    steps / cfg_scale / sampler / cfg_interval / clip_x0 default to config.diffusion; cfg_scale 1 runs
+    no unconditional branch. `progress(done, total)` is called after each batch."""
+    steps, cfg_scale, sampler, cfg_interval, clip_x0 = self._sampling_args(steps, cfg_scale, sampler,
+                                                                            cfg_interval, clip_x0)
 
     def run(chunk, first):
       pieces = [self.image_start_piece(self.caption_ids(p), bos=True) for p in chunk]
       logits_BV, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
       keys_B = kernels.index_keys(seed, first_index + first, len(chunk))
       x0_BnP = self.denoise_image(cache, lengths_B, Lp, 1, keys_B, steps=steps, cfg_scale=cfg_scale,
-                                  sampler=sampler, cfg_interval=cfg_interval, logits_BV=logits_BV)
+                                  sampler=sampler, cfg_interval=cfg_interval, clip_x0=clip_x0,
+                                  logits_BV=logits_BV)
       return self.patches_to_images(x0_BnP)
 
     return np.stack(self._in_batches(list(prompts), batch_size, run, progress))
@@ -337,7 +345,7 @@ class Generator:
   def generate_batch(self, prompts: list[list], *, seed: int = 0, first_index: int = 0, max_tokens: int = 64,
                      max_images: int = 1, image_next: bool = False, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, steps=None, cfg_scale=None, sampler=None, cfg_interval=None,
-                     batch_size: int = 16) -> list:
+                     clip_x0=None, batch_size: int = 16) -> list:
     """Continues interleaved prompts of text and images in any order, `batch_size` per compiled call.
 
     Items are str or {"text": str} for text, uint8 [H, W, 3] or {"image": array or
@@ -350,7 +358,8 @@ class Generator:
     batch-mates. Returns per prompt the new segments in order: str for text,
     uint8 [H, W, 3] for images.
     """
-    steps, cfg_scale, sampler, cfg_interval = self._sampling_args(steps, cfg_scale, sampler, cfg_interval)
+    steps, cfg_scale, sampler, cfg_interval, clip_x0 = self._sampling_args(steps, cfg_scale, sampler,
+                                                                            cfg_interval, clip_x0)
     check_sampling(temperature, top_k, top_p)
     if self.discrete:
       raise ValueError("interleaved generation is not implemented for model.image_mode='discrete'; "
@@ -363,7 +372,7 @@ class Generator:
       return self._generate_rows(chunk, kernels.index_keys(seed, first_index + first, len(chunk)),
                                  max_tokens=max_tokens, max_images=max_images, temperature=temperature,
                                  top_k=top_k, top_p=top_p, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                                 cfg_interval=cfg_interval)
+                                 cfg_interval=cfg_interval, clip_x0=clip_x0)
     return self._in_batches(fields, batch_size, run)
 
   def _row_cache(self, batch: int, capacity: int):
@@ -371,7 +380,7 @@ class Generator:
     return dataclasses.replace(cache, length=jnp.zeros((batch,), jnp.int32))
 
   def _generate_rows(self, fields: list[dict], keys_B, *, max_tokens, max_images, temperature, top_k, top_p,
-                     steps, cfg_scale, sampler, cfg_interval) -> list[list]:
+                     steps, cfg_scale, sampler, cfg_interval, clip_x0) -> list[list]:
     n, tok, B = self.num_patches, self.tokenizer, len(fields)
     self._check_length(fields)
     Lp = bucket(max(len(f["tokens"]) for f in fields))
@@ -402,7 +411,8 @@ class Generator:
                                jnp.concatenate([image_id_B, jnp.ones_like(image_id_B)]) if guided else image_id_B,
                                step_keys, self._step_scales(steps, cfg_scale, cfg_interval), steps=steps,
                                sampler=sampler,
-                               prediction=self.prediction, guided=guided, pad_id=tok.pad_id)
+                               prediction=self.prediction, guided=guided, pad_id=tok.pad_id,
+                               clip_x0=clip_x0)
         new_BV, cache = self._commit(self.params, cache, x0_BnP, cache.length, image_id_B, active_B=active)
         logits_BV = jnp.where(active[:, None], new_BV, logits_BV)
         images = self.patches_to_images(x0_BnP)

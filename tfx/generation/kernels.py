@@ -112,9 +112,10 @@ def decode(graphdef, params, cache, logits_BV, next_pos_B, rng, limit, banned_V,
 
 
 def denoise_loop(predict, params, schedule, x_T_BnP, keys_B, cfg_scale, *, steps: int, sampler: str,
-                  prediction: str, guided: bool):
+                  prediction: str, guided: bool, clip_x0: float = 0.0):
   """Runs `steps` sampler steps from pure noise; `predict(params, x_XnP, t)` gives [cond; uncond] outputs.
-  `cfg_scale` is one guidance scale, or one per step ([steps]: diffusion.guidance_scales).
+  `cfg_scale` is one guidance scale, or one per step ([steps]: diffusion.guidance_scales); clip_x0 > 0
+  clips each step's predicted x0 to [-clip_x0, clip_x0] (diffusion.predict_x0_eps).
 
   params ride in the loop carry so that NNX transforms inside the model see them at the loop's level."""
   T = schedule.num_timesteps
@@ -129,16 +130,16 @@ def denoise_loop(predict, params, schedule, x_T_BnP, keys_B, cfg_scale, *, steps
     out_XnP = predict(params, jnp.concatenate([x_BnP, x_BnP]) if guided else x_BnP, t)
     out_BnP = diffusion.cfg_combine(out_XnP[:B], out_XnP[B:], cfg_scale_S[i]) if guided else out_XnP
     if sampler == "ddim":
-      return diffusion.ddim_step(schedule, x_BnP, t, t_prev, out_BnP, prediction), params
+      return diffusion.ddim_step(schedule, x_BnP, t, t_prev, out_BnP, prediction, clip_x0=clip_x0), params
     noise_BnP = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BnP.shape[1:]))(keys_B)
-    return diffusion.ddpm_step(schedule, x_BnP, t, t_prev, out_BnP, prediction, noise_BnP), params
+    return diffusion.ddpm_step(schedule, x_BnP, t, t_prev, out_BnP, prediction, noise_BnP, clip_x0), params
 
   return jax.lax.fori_loop(0, steps, body, (x_T_BnP, params))[0]
 
 
 def denoise_cached(graphdef, params, schedule, cache, x_T_BnP, start_X, image_id, keys_B, cfg_scale, *,
                     steps: int, sampler: str, prediction: str, guided: bool, pad_id: int,
-                    read_only: bool = True):
+                    read_only: bool = True, clip_x0: float = 0.0):
   """Denoises one image per row; each step runs only the n patches against the prefix `cache`.
 
   The cache (and `start_X`, each row's first patch position) holds the B
@@ -152,7 +153,7 @@ def denoise_cached(graphdef, params, schedule, cache, x_T_BnP, start_X, image_id
     return forward(graphdef, params, batch, t_XL, cache, read_only)[1]
 
   return denoise_loop(predict, params, schedule, x_T_BnP, keys_B, cfg_scale, steps=steps, sampler=sampler,
-                       prediction=prediction, guided=guided)
+                       prediction=prediction, guided=guided, clip_x0=clip_x0)
 
 
 def sample_codes(graphdef, params, cache, logits_XV, start_X, keys_B, cfg_scale, *, n: int, code_start: int,
