@@ -20,13 +20,18 @@ def add_cfg_interval_flag(p: argparse.ArgumentParser) -> None:
                  help="guide only the denoising steps with t / (T - 1) in [LO, HI] (default: config)")
 
 
-def check_cfg_interval_flag(p: argparse.ArgumentParser, value) -> None:
+def _check_diffusion_flag(p: argparse.ArgumentParser, name: str, value) -> None:
+  """Refuses a bad --NAME in one line, with the message diffusion.check_NAME gives for the config key."""
   if value is not None:
     from tfx import diffusion
     try:
-      diffusion.check_cfg_interval(value)
+      getattr(diffusion, f"check_{name}")(value)
     except ValueError as e:
-      p.error(str(e).replace("diffusion.cfg_interval", "--cfg_interval"))
+      p.error(str(e).replace(f"diffusion.{name}", f"--{name}"))
+
+
+def check_cfg_interval_flag(p: argparse.ArgumentParser, value) -> None:
+  _check_diffusion_flag(p, "cfg_interval", value)
 
 
 def add_clip_x0_flag(p: argparse.ArgumentParser) -> None:
@@ -36,9 +41,4 @@ def add_clip_x0_flag(p: argparse.ArgumentParser) -> None:
 
 
 def check_clip_x0_flag(p: argparse.ArgumentParser, value) -> None:
-  if value is not None:
-    from tfx import diffusion
-    try:
-      diffusion.check_clip_x0(value)
-    except ValueError as e:
-      p.error(str(e).replace("diffusion.clip_x0", "--clip_x0"))
+  _check_diffusion_flag(p, "clip_x0", value)
