@@ -144,6 +144,40 @@ def test_one_timestep_per_image_and_noise_limit(setup):
   assert len(np.unique(ts[:, limited])) > 10  # uniform below the cap, not piled on it
 
 
+def test_stratified_timesteps_cover_the_strata():
+  present = np.zeros((4, 9), bool)
+  present[:, 1:7] = True
+  present[3, 5:] = False  # 22 images, the last row shorter
+  draw = jax.jit(jax.vmap(lambda r: losses._stratified_uniform(r, jnp.asarray(present))))
+  u = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 400)))[:, present]  # [draws, 22]
+  assert ((u >= 0) & (u < 1)).all()
+  np.testing.assert_array_equal(np.sort(np.floor(u * 22), axis=1), np.tile(np.arange(22), (400, 1)))
+  np.testing.assert_allclose(u.mean(0), 0.5, atol=0.06)  # each image's own draw is still uniform
+  assert len({tuple(np.argsort(row)) for row in u[:20]}) == 20  # strata go to images at random
+
+  batch = random_batch(np.random.default_rng(1), 8, 128, N, P, vocab=V, max_images=3, min_segments=3)
+  batch["noise_limited"][:] = 0
+  d = _config().diffusion
+  d.timestep_sampling = "stratified"
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  ts = np.asarray(jax.jit(lambda r: losses.draw_timesteps_and_noise(r, jb, d)[0])(jax.random.PRNGKey(3)))
+  image = batch["modality"] == 1
+  assert (ts[~image] == 0).all()
+  per_image = []
+  for b in range(8):
+    for i in sorted(set(batch["image_ids"][b][image[b]].tolist())):
+      sel = image[b] & (batch["image_ids"][b] == i)
+      assert (ts[b, sel] == ts[b, sel][0]).all()  # one t per image
+      per_image.append(int(ts[b, sel][0]))
+  n = len(per_image)
+  assert n > 8
+  for k, t in enumerate(sorted(per_image)):  # the k-th smallest in the k-th of n strata of [0, 1000)
+    assert math.floor(1000 * k / n) <= t <= math.ceil(1000 * (k + 1) / n), (k, t, n)
+  d.timestep_sampling = "sobol"
+  with pytest.raises(ValueError, match="timestep_sampling must be one of"):
+    losses.draw_timesteps_and_noise(jax.random.PRNGKey(0), jb, d)
+
+
 def test_no_images_or_no_text_gives_finite_zero_terms(setup):
   _, emb, proj = setup
   config = _config()

@@ -105,6 +105,8 @@ def default() -> ml_collections.ConfigDict:
   d.loss_weighting = "none"          # x0-error weight: "none" (the target's own), "min_snr" (min(SNR, gamma)),
                                      # "clipped_v" (min(SNR, gamma) + 1: v's SNR + 1, clipped)
   d.min_snr_gamma = 5.0              # gamma of "min_snr" and "clipped_v"
+  d.timestep_sampling = "uniform"    # training t per image: "uniform" (independent draws) or "stratified"
+                                     # (a step's images one in each of as many equal strata of [0, 1))
 
   # -- data -----------------------------------------------------------------
   c.data = dt = ml_collections.ConfigDict()

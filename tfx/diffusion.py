@@ -125,6 +125,16 @@ def check_clip_x0(clip_x0) -> float:
   return value
 
 
+TIMESTEP_SAMPLING = ("uniform", "stratified")
+
+
+def check_timestep_sampling(sampling) -> str:
+  """diffusion.timestep_sampling, checked: "uniform" or "stratified"."""
+  if sampling not in TIMESTEP_SAMPLING:
+    raise ValueError(f"diffusion.timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {sampling!r}")
+  return sampling
+
+
 def sample_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
   """`num_steps` evenly spaced timesteps from T-1 down to 0 (int32, descending, distinct; [T-1] for one)."""
   if not 1 <= num_steps <= num_timesteps:
