@@ -36,8 +36,7 @@ def draw_timesteps_and_noise(rng, batch, diffusion_config):
   t_rng, eps_rng = jax.random.split(rng)
   sampling = diffusion.check_timestep_sampling(diffusion_config.timestep_sampling)
   if sampling == "stratified":
-    slot_BL = jnp.where(batch["modality"] == record.IMAGE, jnp.clip(image_ids_BL, 0, L), 0)
-    present_BI = jnp.zeros((B, L + 1), bool).at[jnp.arange(B)[:, None], slot_BL].set(True).at[:, 0].set(False)
+    _, present_BI = per_image_mean(jnp.zeros((B, L)), image_ids_BL, batch["modality"] == record.IMAGE)
     u_BI = _stratified_uniform(t_rng, present_BI)
   else:
     u_BI = jax.random.uniform(t_rng, (B, L + 1))
