@@ -30,7 +30,7 @@ def losses_by_step(workdir) -> dict[int, float]:
 # -- optimizer --------------------------------------------------------------------
 
 def test_schedule_warmup_then_cosine_to_end_lr():
-  o = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, end_lr=1e-4))
+  o = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, end_lr=1e-4, schedule="cosine"))
   schedule = optim.learning_rate_schedule(o, total_steps=110)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(5)), 5e-4, rtol=1e-6)
@@ -39,6 +39,20 @@ def test_schedule_warmup_then_cosine_to_end_lr():
   np.testing.assert_allclose(float(schedule(110)), 1e-4, rtol=1e-5)
   short = optim.learning_rate_schedule(o, total_steps=4)  # warmup longer than the run
   assert 0 < float(short(3)) < 1e-3
+
+
+def test_wsd_schedule_holds_lr_then_cools_down_as_one_minus_sqrt():
+  o = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, end_lr=1e-4, schedule="wsd", decay_fraction=0.2))
+  schedule = optim.learning_rate_schedule(o, total_steps=110)  # cooldown: the last 22 steps, from step 88
+  np.testing.assert_allclose(float(schedule(5)), 5e-4, rtol=1e-6)
+  for step in (10, 50, 88):
+    np.testing.assert_allclose(float(schedule(step)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(88 + 22 // 4)), 1e-4 + 9e-4 * (1 - np.sqrt(5 / 22)), rtol=1e-5)
+  np.testing.assert_allclose(float(schedule(110)), 1e-4, rtol=1e-5)
+  for bad, message in ((dict(schedule="linear"), r"optim.schedule must be one of \('cosine', 'wsd'\), got 'linear'"),
+                       (dict(decay_fraction=0.0), r"optim.decay_fraction must be in \(0, 1\], got 0.0")):
+    with pytest.raises(ValueError, match=message):
+      optim.learning_rate_schedule(ml_collections.ConfigDict({**o.to_dict(), **bad}), total_steps=110)
 
 
 def test_weight_decay_skips_norms_biases_embeddings():

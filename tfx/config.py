@@ -134,7 +134,9 @@ def default() -> ml_collections.ConfigDict:
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 3e-4                        # peak learning rate
   o.warmup_steps = 4000              # linear warmup
-  o.end_lr = 1.5e-5                  # cosine decays to this
+  o.end_lr = 1.5e-5                  # the schedule decays to this
+  o.schedule = "cosine"              # after warmup: "cosine" to end_lr, or "wsd" (lr held, then a cooldown)
+  o.decay_fraction = 0.2             # "wsd": the last 20% of the steps cool down as 1 - sqrt(progress)
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8
