@@ -93,7 +93,8 @@ def get_config(arg: str | None = None):
   # half of the pairs are image-first, 2.5x the paper's share: captioning learned
   # slowest (48% exact in the prototype with 20%).
   dt.image_text_weight, dt.text_weight = 0.9, 0.1
-  # 60% caption-first drew worse (seeds 0 and 1: alt count 34.4%, relation 31.2%; docs/evaluation.md).
+  # 60% caption-first drew worse (seeds 0 and 1: alt count 34.4%, relation 31.2%), and so did
+  # 40% (3 seeds: alt relation 16.7%, count 37.5%, captions 88.9%; docs/evaluation.md).
   dt.caption_first_fraction = 0.5
   # Half the training scenes are relations (single / count / relation 1:1:2, not 1:1:1), and
   # the diffusion loss weight is 20 (above): relations were the weak kind of both tasks.
