@@ -88,6 +88,8 @@ def get_config(arg: str | None = None):
   c.diffusion.cfg_interval = (0.0, 0.6)
 
   dt = c.data
+  # The narrow training world, not data.image_text="shapes_wide": over 3 seeds the wide world
+  # drew alt prompts worse (one-object 69.8%, count 43.8%, relation 24.0%; docs/evaluation.md).
   # The scores that matter here are images and captions: 90% of positions are
   # pairs (~23 pairs per step; the pydoc text keeps a perplexity to watch), and
   # half of the pairs are image-first, 2.5x the paper's share: captioning learned
