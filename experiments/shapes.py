@@ -79,8 +79,8 @@ def get_config(arg: str | None = None):
   c.diffusion.loss_weight = 20.0      # lambda; with the relation-heavy mix (data, below)
   c.diffusion.loss_weighting = "clipped_v"  # weight min(SNR, 5) + 1 on the x0 error: sharper edges than
                                           # plain x0 (800 steps: captions 44% vs 29%, colour 50% vs 47%)
-  # gamma 5 (the tfx default), not 20: seeds 0 and 1 at 20 passed fewer prompts of every kind
-  # (alt one-object 68.8%, relation 20.3%; docs/evaluation.md).
+  # gamma 5 (the tfx default), not 20: seeds 0 and 1 at 20 drew fewer passing images of every
+  # kind (alt one-object 68.8%, relation 20.3%; docs/evaluation.md).
   # Sampling: guidance 5, but only at the steps with t <= 0.6 T; the noisiest 20 of 50 take
   # the conditional prediction alone. On the 3 seeds' checkpoints (test and alt prompts
   # together, 64 per kind), against guidance 3 at every step: count 44.8% -> 52.1%,
