@@ -33,6 +33,47 @@ def test_iterator_state_is_taken_at_save_time_and_keep_n(tmp_path):
   ckpt.close()
 
 
+def test_checksums_do_not_depend_on_the_sharding_and_see_a_one_ulp_change():
+  x_AB = jax.random.normal(jax.random.key(0), (64, 48))
+  mesh = jax.make_mesh((4, 2), ("a", "b"))
+  tree = {"x": x_AB, "h": x_AB.astype(jnp.bfloat16), "step": jnp.int32(7), "flags": jnp.array([True, False])}
+  sums = checkpoint.array_checksums(tree)
+  sharded = {"x": jax.device_put(x_AB, jax.NamedSharding(mesh, jax.P("a", "b"))),
+             "h": jax.device_put(tree["h"], jax.NamedSharding(mesh, jax.P(None, "a"))),
+             "step": tree["step"], "flags": tree["flags"]}
+  assert checkpoint.array_checksums(sharded) == sums
+  one_ulp = x_AB.at[5, 7].set(jnp.nextafter(x_AB[5, 7], jnp.inf))
+  swapped = x_AB.at[0, 0].set(x_AB[0, 1]).at[0, 1].set(x_AB[0, 0])  # same values, other places
+  for changed in (one_ulp, swapped, x_AB.T.reshape(64, 48)):
+    assert checkpoint.array_checksums({"x": changed})["x"] != sums["x"]
+  assert checkpoint.array_checksums({"step": jnp.int32(8)})["step"] != sums["step"]
+
+
+def test_data_that_differs_from_its_saved_checksum_does_not_restore(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=0)
+  for step in (1, 2):
+    ckpt.save(step, {"w": jnp.full((3,), float(step)), "opt": (jnp.zeros((2,)), {"mu": jnp.ones((2,))})})
+  ckpt.wait()
+  target = {"w": jax.ShapeDtypeStruct((3,), jnp.float32),
+            "opt": (jax.ShapeDtypeStruct((2,), jnp.float32), {"mu": jax.ShapeDtypeStruct((2,), jnp.float32)})}
+  np.testing.assert_array_equal(ckpt.restore(2, target)["w"], [2.0] * 3)  # intact: verifies
+  sums_file = tmp_path / "checkpoints" / "2" / checkpoint.CHECKSUMS_ITEM / "metadata"  # Orbax's JSON item file
+  saved = json.loads(sums_file.read_text())
+  assert sorted(saved["sum32"]) == ["opt/0", "opt/1/mu", "w"]
+  saved["sum32"]["opt/1/mu"] ^= 1
+  sums_file.write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="the data of opt/1/mu differs from the checksum saved with it"):
+    ckpt.restore(2, target)
+  with pytest.raises(ValueError, match="opt/1/mu differs"):  # readers restore subtrees: checked the same
+    ckpt.restore_subtree(2, {"opt": target["opt"]})
+  np.testing.assert_array_equal(ckpt.restore_subtree(2, {"w": target["w"]})["w"], [2.0] * 3)
+  reports = []
+  step, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, target), report=reports.append, move_aside=False)
+  assert step == 1 and float(restored["w"][0]) == 1.0
+  assert len(reports) == 1 and "step 2 is damaged (ValueError: the data of opt/1/mu" in reports[0], reports
+  ckpt.close()
+
+
 def test_a_failed_writes_asyncio_reports_stay_quiet_after_close(tmp_path, caplog):
   """asyncio logs the failed write's unretrieved fragment tasks when they are collected, which can
   be after the one-line report and close(); only those records are dropped."""

@@ -76,12 +76,19 @@ def flip_4kb(step_dir):
   path.write_bytes(bytes(data))
 
 
+def state_of_the_step_before(step_dir):
+  """A mixed-up copy: every file decodes and every value is finite, only the checksums differ."""
+  shutil.rmtree(step_dir / "state")
+  shutil.copytree(step_dir.parent / str(int(step_dir.name) - 1) / "state", step_dir / "state")
+
+
 DAMAGE = {  # step -> (fault, how)
     8: ("truncated data file", truncate),
     7: ("4 KB flipped", flip_4kb),
     6: ("state/ removed", lambda d: shutil.rmtree(d / "state")),
     5: ("_METADATA removed", lambda d: (d / "state" / "_METADATA").unlink()),
     4: ("iterator JSON broken", lambda d: (d / "data" / "process_0-of-1.json").write_text('{"last_seen_ind')),
+    3: ("state/ of step 2 copied in", state_of_the_step_before),
 }
 
 
@@ -95,10 +102,11 @@ def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_from_the_newest
   assert len(reports) == len(DAMAGE), done.stderr[-3000:]
   for step, line in zip(sorted(DAMAGE, reverse=True), reports):
     assert re.match(rf"tfx.train: checkpoint at step {step} is damaged \(.+\); moved to .*checkpoints_damaged/{step}; "
-                    r"using step 3$", line), line
-  assert "resumed from the checkpoint at step 3" in done.stderr
+                    r"using step 2$", line), line
+  assert "differs from the checksum saved with it" in reports[-1], reports[-1]
+  assert "resumed from the checkpoint at step 2" in done.stderr
   assert sorted(p.name for p in (workdir / "checkpoints_damaged").iterdir()) == sorted(map(str, DAMAGE))
-  # nothing lost beyond the newest intact checkpoint: steps 4..8 are retrained exactly
+  # nothing lost beyond the newest intact checkpoint: steps 3..8 are retrained exactly
   want = {r["step"]: r["loss"] for r in metrics.read_metrics(reference)}
   got = metrics.read_metrics(workdir)
   assert [r["step"] for r in got] == list(range(1, 9))

@@ -1,8 +1,9 @@
 """All Orbax code: the train-state + data-iterator checkpoints under WORKDIR/checkpoints.
 
 A checkpoint that fails to restore (a truncated or altered data file, a missing
-item or metadata file, a broken iterator JSON, non-finite values) is skipped for
-the next older one; the trainer moves it to WORKDIR/checkpoints_damaged/STEP.
+item or metadata file, a broken iterator JSON, array data that differs from the
+checksums saved with it, non-finite values) is skipped for the next older one; the
+trainer moves it to WORKDIR/checkpoints_damaged/STEP.
 A save that fails (disk full, quota, I/O error) raises CheckpointWriteError.
 """
 import contextlib
@@ -22,6 +23,7 @@ from etils import epath
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints_damaged"   # a sibling of checkpoints/: Orbax never lists or deletes it
+CHECKSUMS_ITEM = "checksums"             # {"sum32": {leaf name: checksum}} beside the state item
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -133,6 +135,64 @@ def _every_leaf_finite(leaves):
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
+def leaf_name(path) -> str:
+  """A tree path as "a/b/c" (dict keys, attribute names and list indices alike)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def array_checksums(tree) -> dict[str, int] | None:
+  """{leaf name: a 32-bit checksum of its bytes} for every array leaf of `tree` (one jitted program).
+
+  Orbax keeps no checksum of array data and zstd's entropy-coded blocks carry none, so a
+  bit flip in a data file can decode to other finite numbers (a CI run restored such a
+  checkpoint and met a NaN loss one step later). The sum is over hashed
+  (element, index) pairs in uint32, so it does not depend on the sharding or the order
+  of reduction: a checkpoint saved on 8 devices verifies on 1. None with several
+  processes, as for the finite check.
+  """
+  if jax.process_count() > 1:
+    return None
+  flat = [(leaf_name(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "dtype")]
+  if not flat:
+    return {}
+  sums = np.asarray(_sum32_of_leaves([x for _, x in flat]))
+  return {name: int(s) for (name, _), s in zip(flat, sums)}
+
+
+def _mix32(z):
+  # lowbias32 (C. Wellons' hash prospector): each input bit flips ~half of the output bits
+  z = z ^ (z >> 16)
+  z = z * jnp.uint32(0x7FEB352D)
+  z = z ^ (z >> 15)
+  z = z * jnp.uint32(0x846CA68B)
+  return z ^ (z >> 16)
+
+
+def _sum32(x):
+  x = jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x, width)
+  bits = bits.astype(jnp.uint32)  # a 64-bit leaf becomes two uint32 words on a new last axis
+  # each element's flat index from iotas (no reshape, so no resharding), wrapping past 2^32
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for axis, size in enumerate(bits.shape):
+    index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+  return jnp.sum(_mix32(bits ^ _mix32(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+@jax.jit
+def _sum32_of_leaves(leaves):
+  return jnp.stack([_sum32(x) for x in leaves])
+
+
+def verify_checksums(tree, saved: dict[str, int]) -> None:
+  """ValueError naming the first leaf of `tree` whose data differs from its saved checksum."""
+  got = array_checksums(tree)
+  for name, value in (got or {}).items():
+    if name in saved and saved[name] != value:
+      raise ValueError(f"the data of {name} differs from the checksum saved with it")
+
+
 class _IteratorSnapshot:
   """The data iterator's state frozen at save time (the save itself may run later)."""
 
@@ -157,7 +217,8 @@ class Checkpointer:
         # a save cut short (disk full, a kill) leaves STEP.orbax-checkpoint-tmp; the workdir lock
         # (tfx/lock.py) makes this trainer the only writer, so removing it at start is safe
         cleanup_tmp_directories=not read_only)
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                CHECKSUMS_ITEM: ocp.JsonCheckpointHandler()}
     if read_only:
       _filter_once("absl", _ReadOnlyNotice)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -192,6 +253,9 @@ class Checkpointer:
     CheckpointWriteError if this save, or the previous async one, failed to write.
     """
     args = {"state": ocp.args.PyTreeSave(items)}
+    sums = array_checksums(items)
+    if sums is not None:
+      args[CHECKSUMS_ITEM] = ocp.args.JsonSave({"sum32": sums})
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
     with self._write_errors(step):
@@ -225,13 +289,24 @@ class Checkpointer:
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    return self._restore_verified(step, args)
 
   def restore_subtree(self, step: int, target: dict) -> dict:
     """Restores only the keys present in `target` (e.g. just the params)."""
     args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    return self._restore_verified(step, {"state": args})
+
+  def _restore_verified(self, step: int, args: dict) -> dict:
+    """The restored state item, its arrays checked against the checksums saved beside them
+    (checkpoints written before tfx saved checksums, or by several processes, have none)."""
+    has_sums = (self.directory / str(step) / CHECKSUMS_ITEM).exists()
+    if has_sums:
+      args = dict(args, **{CHECKSUMS_ITEM: ocp.args.JsonRestore()})
+    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    if has_sums:
+      verify_checksums(restored["state"], restored[CHECKSUMS_ITEM]["sum32"])
+    return restored["state"]
 
   def read(self, step: int) -> dict:
     """The state items at `step` as saved, without a target (for inspection and tests)."""
@@ -250,7 +325,7 @@ class Checkpointer:
     meta = self._manager.item_metadata(step)["state"]
     tree = getattr(meta, "tree", meta)[key]
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+    return {leaf_name(path): tuple(leaf.shape) for path, leaf in flat}
 
   def reached_preemption(self, step: int) -> bool:
     """True when the JAX distributed runtime saw a preemption notice (multi-host)."""

@@ -72,7 +72,7 @@ def init_params(workdir, target: dict) -> dict:
     key = "ema" if "ema" in ckpt.saved_keys(step) else "params"
     saved = ckpt.saved_shapes(step, key)
     flat = jax.tree_util.tree_flatten_with_path(target)[0]
-    want = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+    want = {ckpt_lib.leaf_name(path): tuple(leaf.shape) for path, leaf in flat}
     for name in sorted(set(saved) | set(want)):
       if saved.get(name) != want.get(name):
         raise ValueError(f"param {name} has shape {saved.get(name, 'none (absent)')} in {workdir} step {step} "
@@ -89,7 +89,7 @@ def _check_divides(abstract, shardings) -> None:
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       parts = math.prod(sharding.mesh.shape[a] for a in axes)
       if dim % parts:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        name = ckpt_lib.leaf_name(path)
         raise mesh_lib.MeshError(f"mesh: param {name} {leaf.shape} has a dimension of {dim} that "
                                  f"{'x'.join(axes)} = {parts} devices do not divide; choose other --mesh sizes")
 
