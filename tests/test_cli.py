@@ -96,6 +96,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(env, tmp_path):
       "x0 clipping": (["--config.diffusion.clip_x0=-2.0"], r"diffusion.clip_x0 must be a number >= 0 \(0 = off\), got -2.0"),
       "timestep sampling": (["--config.diffusion.timestep_sampling=sobol"],
                             r"diffusion.timestep_sampling must be one of \('uniform', 'stratified'\), got 'sobol'"),
+      "timestep density": (["--config.diffusion.timestep_density=logit_normal", "--config.diffusion.logit_normal=(0.0,-1.0)"],
+                           r"diffusion.logit_normal must be \(mean, std\) with std > 0, got \(0.0, -1.0\)"),
       "lr schedule": (["--config.optim.schedule=wsd", "--config.optim.decay_fraction=1.5"],
                       r"optim.decay_fraction must be in \(0, 1\], got 1.5"),
   }

@@ -259,3 +259,40 @@ def test_chunks_past_every_rows_text_are_skipped():
   counted = jax.jit(lambda m: losses.chunked_nll_sum(counting, h, targets, m, 8)[0])
   jax.block_until_ready(counted(jnp.asarray(mask)))
   assert len(seen) == 1
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "stratified"])
+def test_logit_normal_timesteps_follow_their_density(sampling):
+  batch = random_batch(np.random.default_rng(2), 8, 128, N, P, vocab=V, max_images=3, min_segments=3)
+  batch["noise_limited"][:] = 0
+  d = _config().diffusion
+  d.timestep_sampling, d.timestep_density, d.logit_normal = sampling, "logit_normal", (0.5, 0.8)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  image = batch["modality"] == 1
+  first = image & np.concatenate([np.ones((8, 1), bool), batch["image_ids"][:, 1:] != batch["image_ids"][:, :-1]], 1)
+
+  def draw():  # one t per image, 300 draws
+    fn = jax.jit(jax.vmap(lambda r: losses.draw_timesteps_and_noise(r, jb, d)[0]))
+    return np.asarray(fn(jax.random.split(jax.random.PRNGKey(0), 300)))[:, first]
+
+  ts = draw()
+  logit = np.log((ts + 0.5) / (1000 - ts - 0.5))  # each t's midpoint, back through the sigmoid
+  assert abs(logit.mean() - 0.5) < 0.03 and abs(logit.std() - 0.8) < 0.03, (logit.mean(), logit.std())
+  d.timestep_density = "uniform"  # the same draws, not mapped: uniform again
+  u = draw()
+  np.testing.assert_allclose(np.mean(u < 250), 0.25, atol=0.02)
+  assert np.mean(ts < 250) < 0.12  # logit-normal(0.5, 0.8) puts ~4% there
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(timestep_density="beta"), r"diffusion.timestep_density must be one of \('uniform', 'logit_normal'\), got 'beta'"),
+    (dict(logit_normal=(0.0, 0.0)), r"diffusion.logit_normal must be \(mean, std\) with std > 0, got \(0.0, 0.0\)"),
+    (dict(logit_normal=(0.0,)), r"diffusion.logit_normal must be \(mean, std\) with std > 0"),
+])
+def test_timestep_density_is_checked(bad, message):
+  d = _config().diffusion
+  d.timestep_density = "logit_normal"
+  for key, value in bad.items():
+    d[key] = value
+  with pytest.raises(ValueError, match=message):
+    diffusion.check_timestep_density(d)

@@ -107,6 +107,9 @@ def default() -> ml_collections.ConfigDict:
   d.min_snr_gamma = 5.0              # gamma of "min_snr" and "clipped_v"
   d.timestep_sampling = "uniform"    # training t per image: "uniform" (independent draws) or "stratified"
                                      # (a step's images one in each of as many equal strata of [0, 1))
+  d.timestep_density = "uniform"     # training t's density over [0, T): "uniform" or "logit_normal"
+                                     # (t / T = sigmoid(N(mean, std)): most draws mid-range; SD3)
+  d.logit_normal = (0.0, 1.0)        # (mean, std) of "logit_normal"'s logit
 
   # -- data -----------------------------------------------------------------
   c.data = dt = ml_collections.ConfigDict()

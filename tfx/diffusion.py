@@ -135,6 +135,34 @@ def check_timestep_sampling(sampling) -> str:
   return sampling
 
 
+TIMESTEP_DENSITY = ("uniform", "logit_normal")
+
+
+def check_timestep_density(diffusion_config) -> str:
+  """diffusion.timestep_density, checked with its diffusion.logit_normal (mean, std)."""
+  density = diffusion_config.timestep_density
+  if density not in TIMESTEP_DENSITY:
+    raise ValueError(f"diffusion.timestep_density must be one of {TIMESTEP_DENSITY}, got {density!r}")
+  try:
+    mean, std = (float(v) for v in diffusion_config.logit_normal)
+    ok = math.isfinite(mean) and math.isfinite(std) and std > 0
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f"diffusion.logit_normal must be (mean, std) with std > 0, got {diffusion_config.logit_normal!r}")
+  return density
+
+
+def timestep_fraction(u, diffusion_config):
+  """Draws u, uniform in [0, 1), mapped to the fraction of the timestep range to train on:
+  unchanged, or logit-normal (sigmoid of N(mean, std); Esser et al., 2024), most draws
+  mid-range. The normal's inverse CDF keeps stratified draws stratified."""
+  if check_timestep_density(diffusion_config) == "uniform":
+    return u
+  mean, std = diffusion_config.logit_normal
+  return jax.nn.sigmoid(mean + std * jax.scipy.special.ndtri(u))
+
+
 def sample_timesteps(num_steps: int, num_timesteps: int = 1000) -> np.ndarray:
   """`num_steps` evenly spaced timesteps from T-1 down to 0 (int32, descending, distinct; [T-1] for one)."""
   if not 1 <= num_steps <= num_timesteps:

@@ -40,6 +40,7 @@ def draw_timesteps_and_noise(rng, batch, diffusion_config):
     u_BI = _stratified_uniform(t_rng, present_BI)
   else:
     u_BI = jax.random.uniform(t_rng, (B, L + 1))
+  u_BI = diffusion.timestep_fraction(u_BI, diffusion_config)  # under a noise limit: of [0, cap]
   u_BL = jnp.take_along_axis(u_BI, jnp.clip(image_ids_BL, 0, L), axis=1)
   T = diffusion_config.num_timesteps
   cap_BL = jnp.where(batch["noise_limited"] > 0, min(diffusion_config.noise_limit, T - 1), T - 1)

@@ -88,6 +88,7 @@ def validate(config, workdir, allow_config_change=()) -> jax.sharding.Mesh:
     diffusion.check_cfg_interval(config.diffusion.cfg_interval)  # sample grids use it: refuse before training
     diffusion.check_clip_x0(config.diffusion.clip_x0)
     diffusion.check_timestep_sampling(config.diffusion.timestep_sampling)
+    diffusion.check_timestep_density(config.diffusion)
     optim.check_lr_schedule(config.optim)
   except ValueError as e:
     raise ConfigError(str(e)) from None
