@@ -81,6 +81,9 @@ def get_config(arg: str | None = None):
                                           # plain x0 (800 steps: captions 44% vs 29%, colour 50% vs 47%)
   # gamma 5 (the tfx default), not 20: seeds 0 and 1 at 20 drew fewer passing images of every
   # kind (alt one-object 68.8%, relation 20.3%; docs/evaluation.md).
+  # lambda 20, not 40 (seeds 0 and 1 at 40: alt one-object 68.8%, captions 86.0%). Timesteps
+  # uniform, not logit-normal (diffusion.timestep_density): 3 seeds of logit-normal (0, 1) met
+  # the alt one-object floor (80.2%) but dropped counts to 47.9% and relations to 29.2%.
   # Sampling: guidance 5, but only at the steps with t <= 0.6 T; the noisiest 20 of 50 take
   # the conditional prediction alone. On the 3 seeds' checkpoints (test and alt prompts
   # together, 64 per kind), against guidance 3 at every step: count 44.8% -> 52.1%,
