@@ -42,6 +42,8 @@ def test_checksums_do_not_depend_on_the_sharding_and_see_a_one_ulp_change():
              "h": jax.device_put(tree["h"], jax.NamedSharding(mesh, jax.P(None, "a"))),
              "step": tree["step"], "flags": tree["flags"]}
   assert checkpoint.array_checksums(sharded) == sums
+  with jax.set_mesh(mesh):  # leaves on one device beside leaves on the mesh, as the autoencoder saves
+    assert checkpoint.array_checksums(dict(sharded, step=jax.device_put(tree["step"], jax.devices()[1]))) == sums
   one_ulp = x_AB.at[5, 7].set(jnp.nextafter(x_AB[5, 7], jnp.inf))
   swapped = x_AB.at[0, 0].set(x_AB[0, 1]).at[0, 1].set(x_AB[0, 0])  # same values, other places
   for changed in (one_ulp, swapped, x_AB.T.reshape(64, 48)):

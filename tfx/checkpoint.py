@@ -141,7 +141,7 @@ def leaf_name(path) -> str:
 
 
 def array_checksums(tree) -> dict[str, int] | None:
-  """{leaf name: a 32-bit checksum of its bytes} for every array leaf of `tree` (one jitted program).
+  """{leaf name: a 32-bit checksum of its bytes} for every array leaf of `tree`.
 
   Orbax keeps no checksum of array data and zstd's entropy-coded blocks carry none, so a
   bit flip in a data file can decode to other finite numbers (a CI run restored such a
@@ -152,11 +152,18 @@ def array_checksums(tree) -> dict[str, int] | None:
   """
   if jax.process_count() > 1:
     return None
-  flat = [(leaf_name(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "dtype")]
-  if not flat:
-    return {}
-  sums = np.asarray(_sum32_of_leaves([x for _, x in flat]))
-  return {name: int(s) for (name, _), s in zip(flat, sums)}
+  groups = {}  # one program per set of devices: a jit cannot mix them (an optimizer count on
+  # device 0 beside params on the mesh), nor run under a context mesh of other devices
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(x, "dtype"):
+      devices = frozenset(x.sharding.device_set) if isinstance(x, jax.Array) else None
+      groups.setdefault(devices, []).append((leaf_name(path), x))
+  sums = {}
+  with jax.set_mesh(None):
+    for flat in groups.values():
+      values = np.asarray(_sum32_of_leaves([x for _, x in flat]))
+      sums.update((name, int(v)) for (name, _), v in zip(flat, values))
+  return dict(sorted(sums.items()))
 
 
 def _mix32(z):
