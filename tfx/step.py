@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tfx import loop, losses, mesh, optim
+from tfx import compile_options, loop, losses, mesh, optim
 from tfx.state import TrainState
 
 
@@ -97,4 +97,5 @@ def train_step_fn(config, graphdef, tx: optax.GradientTransformation,
 def jit_train_step(train_step: Callable, state_shardings, batch_shardings) -> Callable:
   """jit with the state donated and sharded in and out as the rules say."""
   return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+                 out_shardings=(state_shardings, None), donate_argnums=0,
+                 compiler_options=compile_options.train_step())
