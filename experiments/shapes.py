@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   # -> 28.1 -> 40.6 -> 50.0% and captions 59.4% -> 69.8 -> 84.4 -> 85.4% for batch 32 -> 4).
   # Batch 2 costs 24% more per record: 16000 steps at lr 1.4e-3, b2 0.975 passed fewer prompts
   # of every kind than this over 3 seeds (alt one-object 67.7%, relation 20.8%, captions 86.8%).
-  c.total_steps = 10500               # ~10.3 steps/s with the folded U-Net (below): ~16 min of steps
+  c.total_steps = 10000               # ~10.3 steps/s with the folded U-Net (below): ~16 min of steps
   c.global_batch_size = 4            # on more devices, a multiple of the data-parallel count
   c.seq_len = 160                     # ~5 caption + 16-patch image pairs (~30 positions each)
   c.checkpoint_every_steps = 1000

@@ -1,4 +1,4 @@
-"""XLA compiler options that tfx's train step compiles with, by backend."""
+"""XLA compiler options that tfx's train step compiles with, by config and backend."""
 import functools
 
 import jax
@@ -7,7 +7,7 @@ import jax
 # fusions. On the shapes default's train step (2 cores) the elementwise and reduction
 # fusions ran slower than XLA's own loops (each attention-softmax gradient row sum took
 # 1.5-2 ms as a YNN fusion); with YNNPACK for dots only, the step's minimum over 60 steps
-# was 86-88 ms against 93-101 ms (3 alternating runs each, 2026-12-06).
+# was 86-88 ms against 93-101 ms (3 alternating runs each, 2026-12-06; docs/evaluation.md).
 CPU = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
@@ -23,6 +23,9 @@ def for_backend(backend: str) -> dict:
   return dict(CPU)
 
 
-def train_step() -> dict:
-  """The options for a train step on the default backend."""
+def train_step(config) -> dict:
+  """The options for `config`'s train step on the default backend: config.cpu_ynnpack_dots_only
+  turns on the CPU's (off by default: a run's floats, so its scores, change with them)."""
+  if not config.get("cpu_ynnpack_dots_only", False):
+    return {}
   return for_backend(jax.default_backend())

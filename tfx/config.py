@@ -19,6 +19,8 @@ def default() -> ml_collections.ConfigDict:
       "three purple circles")
   c.profile_start_step = 10          # first step of the jax.profiler trace (after the compile at step 0)
   c.profile_steps = 0                # steps traced (process 0) into WORKDIR/tensorboard/plugins/profile; 0 = off
+  c.cpu_ynnpack_dots_only = False    # XLA:CPU: YNNPACK for matmuls only (tfx/compile_options.py: ~8% faster
+                                     # shapes step; off by default, since it changes the numerics of every run)
   c.init_from = ""                   # fine-tuning: a run with no checkpoint starts from this workdir's latest params (EMA if saved)
   c.stop_after_step = 0              # end this run early at this step, after a checkpoint (0 = total_steps); the schedule still spans total_steps
 

@@ -172,7 +172,7 @@ def report(config, num_devices: int | None = None, time_steps: int = 0) -> dict:
     state = factory.abstract_with_shardings()
     batch = abstract_batch(config, mesh)
     step = step_lib.jit_train_step(step_lib.train_step_fn(config, factory.graphdef, tx),
-                                   factory.shardings, {k: v.sharding for k, v in batch.items()})
+                                   factory.shardings, {k: v.sharding for k, v in batch.items()}, config)
     lowered = step.lower(state, batch)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()

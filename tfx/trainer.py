@@ -247,7 +247,7 @@ def _train(config, workdir, mesh, is_chief, build_model, loss_fn, make_iterator,
           shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
           train_step = step_lib.jit_train_step(
               step_lib.train_step_fn(config, factory.graphdef, tx, loss_fn),
-              factory.shardings, shardings)
+              factory.shardings, shardings, config)
         profiler.before(step)
         state, step_metrics = train_step(state, _global_batch(local, shardings))
         done = step + 1
