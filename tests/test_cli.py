@@ -98,6 +98,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(env, tmp_path):
                             r"diffusion.timestep_sampling must be one of \('uniform', 'stratified'\), got 'sobol'"),
       "timestep density": (["--config.diffusion.timestep_density=logit_normal", "--config.diffusion.logit_normal=(0.0,-1.0)"],
                            r"diffusion.logit_normal must be \(mean, std\) with std > 0, got \(0.0, -1.0\)"),
+      "timestep uniform share": (["--config.diffusion.timestep_density=logit_normal",
+                                  "--config.diffusion.timestep_uniform_share=-0.2"],
+                                 r"diffusion.timestep_uniform_share must be a number in \[0, 1\], got -0.2"),
       "lr schedule": (["--config.optim.schedule=wsd", "--config.optim.decay_fraction=1.5"],
                       r"optim.decay_fraction must be in \(0, 1\], got 1.5"),
   }

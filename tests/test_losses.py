@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.special import expit, ndtr, ndtri
 
 from flax import nnx
 
@@ -284,7 +285,26 @@ def test_logit_normal_timesteps_follow_their_density(sampling):
   assert np.mean(ts < 250) < 0.12  # logit-normal(0.5, 0.8) puts ~4% there
 
 
+def test_logit_normal_mixed_with_a_uniform_share_follows_the_mixture():
+  d = _config().diffusion
+  d.timestep_density, d.logit_normal = "logit_normal", (-0.5, 1.0)
+  u = (np.arange(20000) + 0.5) / 20000   # evenly spread draws: their image is the inverse CDF
+  x = np.linspace(0.01, 0.99, 99)
+  for share in (0.0, 0.3, 0.5):
+    d.timestep_uniform_share = share
+    f = np.asarray(diffusion.timestep_fraction(jnp.asarray(u), d))
+    assert np.all(np.diff(f) >= 0) and 0 <= f.min() and f.max() < 1
+    want = share * x + (1 - share) * ndtr((np.log(x / (1 - x)) + 0.5) / 1.0)
+    np.testing.assert_allclose(np.searchsorted(f, x) / len(u), want, atol=1e-3)
+  d.timestep_uniform_share = 0.0  # no share: the closed form, not the grid
+  np.testing.assert_allclose(diffusion.timestep_fraction(jnp.asarray(u), d), expit(-0.5 + ndtri(u)), rtol=1e-5)
+  d.timestep_uniform_share = 1.0  # all uniform: the draws unchanged (to the grid's quarter of a timestep)
+  np.testing.assert_allclose(diffusion.timestep_fraction(jnp.asarray(u), d), u, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, message", [
+    (dict(timestep_uniform_share=1.5), r"diffusion.timestep_uniform_share must be a number in \[0, 1\], got 1.5"),
+    (dict(timestep_uniform_share=float("nan")), r"diffusion.timestep_uniform_share must be a number in \[0, 1\], got nan"),
     (dict(timestep_density="beta"), r"diffusion.timestep_density must be one of \('uniform', 'logit_normal'\), got 'beta'"),
     (dict(logit_normal=(0.0, 0.0)), r"diffusion.logit_normal must be \(mean, std\) with std > 0, got \(0.0, 0.0\)"),
     (dict(logit_normal=(0.0,)), r"diffusion.logit_normal must be \(mean, std\) with std > 0"),

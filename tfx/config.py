@@ -112,6 +112,7 @@ def default() -> ml_collections.ConfigDict:
   d.timestep_density = "uniform"     # training t's density over [0, T): "uniform" or "logit_normal"
                                      # (t / T = sigmoid(N(mean, std)): most draws mid-range; SD3)
   d.logit_normal = (0.0, 1.0)        # (mean, std) of "logit_normal"'s logit
+  d.timestep_uniform_share = 0.0     # with "logit_normal": this share of the draws stays uniform (a mixture)
 
   # -- data -----------------------------------------------------------------
   c.data = dt = ml_collections.ConfigDict()
