@@ -80,7 +80,7 @@ def _run_steps(config, mesh, batches):
     state = factory.init()
     shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batches[0].items()}
     train_step = step_lib.jit_train_step(step_lib.train_step_fn(config, factory.graphdef, tx),
-                                         factory.shardings, shardings)
+                                         factory.shardings, shardings, config)
     losses = []
     for batch in batches:
       state, m = train_step(state, jax.device_put(batch, shardings))
@@ -135,7 +135,7 @@ def test_grad_accumulation_equals_one_full_batch_step(batches):
       factory = state_lib.StateFactory(c, tx, mesh, build_model)
       shardings = {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in data[0].items()}
       step = step_lib.jit_train_step(step_lib.train_step_fn(c, factory.graphdef, tx), factory.shardings,
-                                     shardings)
+                                     shardings, c)
       batch = jax.device_put(data[0], shardings)
       if accum > 1:  # the micro-batch split keeps every row on its device: no all-to-all / permute
         hlo = step.lower(factory.init(), batch).compile().as_text()

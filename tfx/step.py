@@ -94,9 +94,9 @@ def train_step_fn(config, graphdef, tx: optax.GradientTransformation,
   return train_step
 
 
-def jit_train_step(train_step: Callable, state_shardings, batch_shardings, config=None) -> Callable:
+def jit_train_step(train_step: Callable, state_shardings, batch_shardings, config) -> Callable:
   """jit with the state donated and sharded in and out as the rules say, compiled with the
   XLA options `config` asks for (tfx/compile_options.py)."""
   return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=0,
-                 compiler_options=compile_options.train_step(config) if config is not None else {})
+                 compiler_options=compile_options.train_step(config))
