@@ -27,13 +27,16 @@ EVERY_STEP = ["--config.checkpoint_every_steps=1", "--config.keep_checkpoints=0"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+  # This worker's own compile cache, not the session's: a test below copies it whole, which the
+  # other worker's writes into the session's would race.
   cache = tmp_path_factory.getbasetemp() / "jax_cache"
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def train(workdir, *overrides):
-  return [sys.executable, "-m", "tfx.train", TINY, f"--workdir={workdir}", *overrides]
+  # no end-of-run sample grid: these runs are about checkpoints and locks (~2 s a run)
+  return [sys.executable, "-m", "tfx.train", TINY, f"--workdir={workdir}", "--config.sample_every_steps=0", *overrides]
 
 
 def run(env, command, **kwargs):

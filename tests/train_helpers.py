@@ -1,6 +1,7 @@
 """Shared by the train/checkpoint/CLI tests: the tiny config and a compile cache."""
 import contextlib
 import importlib.util
+import os
 import pathlib
 
 import jax
@@ -34,12 +35,20 @@ def tiny_config(**overrides):
   return config
 
 
+def compile_cache_dir(fallback) -> str:
+  """The test session's compilation cache (tests/conftest.py), shared by both pytest workers and
+  every CLI subprocess, so a program one module compiled is a cache hit in the next; `fallback`
+  where no session cache is set."""
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(fallback)
+
+
 @contextlib.contextmanager
 def persistent_compile_cache(directory):
-  """Repeated runs of one config compile once (each trainer.run jits afresh)."""
+  """Repeated runs of one config compile once (each trainer.run jits afresh): every compile is
+  cached, in the session's cache or else `directory`."""
   old_dir = jax.config.jax_compilation_cache_dir
   old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_compilation_cache_dir", compile_cache_dir(directory))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   compilation_cache.reset_cache()
   try:
