@@ -19,6 +19,7 @@ from flax import nnx
 from tfx import checkpoint as ckpt_lib
 from tfx import lock as lock_lib
 from tfx import metrics, restore, workdir as workdir_lib
+from train_helpers import compile_cache_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"--config={ROOT / 'experiments' / 'shapes.py'}:tiny"
@@ -27,10 +28,8 @@ EVERY_STEP = ["--config.checkpoint_every_steps=1", "--config.keep_checkpoints=0"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  # This worker's own compile cache, not the session's: a test below copies it whole, which the
-  # other worker's writes into the session's would race.
   cache = tmp_path_factory.getbasetemp() / "jax_cache"
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compile_cache_dir(cache),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
@@ -152,13 +151,24 @@ def with_file_size_limit(kib: int, command: list[str]) -> list[str]:
   return ["bash", "-c", f"trap '' XFSZ; ulimit -f {kib}; exec \"$@\"", "bash", *command]
 
 
+def _copy_cache(source: pathlib.Path, target: pathlib.Path) -> None:
+  """The compile cache's entries as they are now. The other pytest worker may be writing one (a
+  partial copy is a cache miss with a warning) or have just added one (skipped)."""
+  target.mkdir()
+  for entry in source.iterdir():
+    try:
+      shutil.copyfile(entry, target / entry.name)
+    except OSError:
+      pass
+
+
 def test_failed_write_then_second_trainer_then_stale_lock_then_resume(env, reference, tmp_path):
   workdir = copy_of(reference, tmp_path / "io")
   before = _tree_digest(workdir / "checkpoints" / "8")
   # 1. A checkpoint write fails (each array file of the tiny model is > 100 KB). The compile
   # cache is a private copy: this run's cache writes are cut short too.
   private = dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
-  shutil.copytree(env["JAX_COMPILATION_CACHE_DIR"], tmp_path / "cache")
+  _copy_cache(pathlib.Path(env["JAX_COMPILATION_CACHE_DIR"]), tmp_path / "cache")
   failed = run(private, with_file_size_limit(98, train(workdir, "--config.total_steps=10", *EVERY_STEP)))
   assert failed.returncode == 74, failed.stderr[-3000:]
   assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
