@@ -5,8 +5,9 @@
   python -m tfx.train --config=experiments/shapes.py:long --workdir=/tmp/tfx_long   # ~1.5 hours
 
 Sized for CPU: one step (4 records of 160 positions, ~23 caption-image pairs) runs at
-~9.6-10.3 steps/s on 2 idle cores, so 10000 steps plus building the dataset (~40 s) fit
-the 20-minute budget of the README's main command: 1128 s measured from an empty HOME. Then,
+~9.2-10.3 steps/s on 2 idle cores, so 10000 steps plus building the dataset (~40 s) fit
+the 20-minute budget of the README's main command: 1128 s measured from an empty HOME, 1188 s
+on a slower day. Then,
 over 3 seeds (mean, test / alt split): one-object images pass 76.0% / 72.9%, count 53.1% /
 51.0%, relation 40.6% / 39.6%, and captions are 90.3% / 93.1% exact (docs/evaluation.md);
 ":long" (36000 steps, the unfolded U-Net, the even mix of kinds; 109 min wall on cores
