@@ -95,6 +95,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(env, tmp_path):
       "guidance interval": (["--config.diffusion.cfg_interval=(0.8,0.2)"],
                             r"diffusion.cfg_interval must satisfy 0 <= lo <= hi <= 1, got \(0.8, 0.2\)"),
       "x0 clipping": (["--config.diffusion.clip_x0=-2.0"], r"diffusion.clip_x0 must be a number >= 0 \(0 = off\), got -2.0"),
+      "best of": (["--config.diffusion.best_of=0"], r"diffusion.best_of must be an integer >= 1 \(1 = no reranking\), got 0"),
       "timestep sampling": (["--config.diffusion.timestep_sampling=sobol"],
                             r"diffusion.timestep_sampling must be one of \('uniform', 'stratified'\), got 'sobol'"),
       "timestep density": (["--config.diffusion.timestep_density=logit_normal", "--config.diffusion.logit_normal=(0.0,-1.0)"],

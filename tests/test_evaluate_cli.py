@@ -28,7 +28,7 @@ def shapesnet_path(tmp_path_factory):
 def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, capsys):
   args = ["--workdir", workdir, "--num", "6", "--num_heldout", "3", "--cfg_scales", "2", "1",
           "--steps", "2", "--caption_tokens", "4", "--text_records", "2", "--shapesnet", shapesnet_path,
-          "--cfg_interval", "0", "0.5", "--clip_x0", "1"]
+          "--cfg_interval", "0", "0.5", "--clip_x0", "1", "--best_of", "2"]
   assert evaluate.main(args) == 0
   out, err = capsys.readouterr()
   record = json.loads(open(os.path.join(workdir, "eval", "2.json")).read())
@@ -36,6 +36,7 @@ def test_cli_writes_json_grid_tensorboard_and_table(workdir, shapesnet_path, cap
   # rates over the 6 test pairs; the 3 held-out pairs only in *_heldout_*
   assert record["step"] == 2 and m["t2i_num"] == 6 and m["caption_num"] == 6
   assert record["options"]["cfg_interval"] == [0.0, 0.5] and record["options"]["clip_x0"] == 1.0
+  assert record["options"]["best_of"] == 2
   for key in ("t2i_pass", "t2i_pass_single", "t2i_pass_count", "t2i_pass_relation", "t2i_color_acc",
               "t2i_position_acc", "t2i_heldout_pass", "t2i_pass@cfg1_steps2", "caption_exact_match",
               "caption_scorer_pass", "caption_heldout_exact_match", "caption_exact_match_single",
@@ -90,13 +91,14 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
   for bad in (["--workdir", str(tmp_path / "missing")], ["--workdir", workdir, "--num", "0"],
               ["--workdir", workdir, "--inception_weights", str(tmp_path / "nope.safetensors")],
               ["--workdir", workdir, "--mesh", "tensor=two"], ["--workdir", workdir, "--cfg_interval", "0.7", "0.2"],
-              ["--workdir", workdir, "--clip_x0", "-1"]):
+              ["--workdir", workdir, "--clip_x0", "-1"], ["--workdir", workdir, "--best_of", "0"]):
     with pytest.raises(SystemExit) as e:
       evaluate.main(bad)
     assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[-2] == "python -m tfx.evaluate: error: --cfg_interval must satisfy 0 <= lo <= hi <= 1, got (0.7, 0.2)"
-  assert err[-1] == "python -m tfx.evaluate: error: --clip_x0 must be a number >= 0 (0 = off), got -1.0"
+  assert err[-3] == "python -m tfx.evaluate: error: --cfg_interval must satisfy 0 <= lo <= hi <= 1, got (0.7, 0.2)"
+  assert err[-2] == "python -m tfx.evaluate: error: --clip_x0 must be a number >= 0 (0 = off), got -1.0"
+  assert err[-1] == "python -m tfx.evaluate: error: --best_of must be an integer >= 1 (1 = no reranking), got 0"
   assert evaluate.main(["--workdir", workdir, "--mesh", "fsdp=3"]) == 2  # 8 devices
   err = capsys.readouterr().err
   assert "data*fsdp*tensor = 3 but there are 8 devices" in err and len(err.strip().splitlines()) == 1

@@ -403,3 +403,46 @@ def test_clip_x0(gen):
   kwi = dict(max_tokens=1, max_images=1, image_next=True, **kw)   # interleaved images too
   image = lambda **k: gen.generate_batch([["a red circle"]], **kwi, **k)[0][0].astype(int)
   assert np.abs(image(clip_x0=1.0) - image()).max() > 8
+
+
+def test_caption_log_likelihood_matches_forward_and_ignores_batch_mates(gen, tok):
+  """log p(caption EOS | BOS BOI image EOI), summed over the caption's targets only, as a full
+  forward of the image-first training layout gives it; a pair's value does not depend on its batch."""
+  images = gen.text_to_image(PROMPTS, seed=1, steps=2)
+  captions = ["a red circle", "two blue squares to the left of a green triangle"]
+  both = gen.caption_log_likelihood(list(images), captions)
+  alone = gen.caption_log_likelihood([images[0]], captions[:1])
+  np.testing.assert_allclose(both[0], alone[0], atol=1e-4)
+  ids = tok.encode(captions[1])
+  ex = examples.image_text_example(ids, gen.image_patches([images[1]])[0], tok, caption_first=False)
+  batch, _ = generate.left_pad([ex], len(ex["tokens"]))
+  logp = jax.nn.log_softmax(full_forward(gen, batch)[0][0], axis=-1)
+  tokens = ex["tokens"]
+  first = int(np.flatnonzero(tokens == tok.eoi_id)[0]) + 1       # the caption's first token
+  assert list(tokens[first:]) == list(ids) + [tok.eos_id]
+  np.testing.assert_allclose(both[1], sum(float(logp[i - 1, tokens[i]]) for i in range(first, len(tokens))),
+                             atol=1e-4)
+  with pytest.raises(ValueError, match="2 images but 1 captions"):
+    gen.caption_log_likelihood(list(images), captions[:1])
+
+
+def test_best_of_keeps_the_likeliest_draw(gen):
+  """best_of 1 is the plain draw; with more draws each row keeps an image whose caption likelihood
+  is at least the plain draw's and grows with K; rows do not depend on their batch-mates; the
+  config's value is the default; a bad one is refused."""
+  prompts = PROMPTS + ["three green triangles"]
+  kw = dict(seed=3, steps=2, sampler="ddim")
+  plain = gen.text_to_image(prompts, **kw)
+  np.testing.assert_array_equal(gen.text_to_image(prompts, best_of=1, **kw), plain)
+  two, three = (gen.text_to_image(prompts, best_of=k, **kw) for k in (2, 3))
+  ll = [gen.caption_log_likelihood(list(images), prompts) for images in (plain, two, three)]
+  assert np.all(ll[1] >= ll[0] - 1e-6) and np.all(ll[2] >= ll[1] - 1e-6)
+  assert not np.array_equal(three, plain)          # an untrained model's draws are ranked differently
+  np.testing.assert_array_equal(gen.text_to_image(prompts, best_of=3, batch_size=2, **kw), three)
+  gen.config.diffusion.best_of = 3
+  try:
+    np.testing.assert_array_equal(gen.text_to_image(prompts, **kw), three)
+  finally:
+    gen.config.diffusion.best_of = 1
+  with pytest.raises(ValueError, match="best_of must be an integer >= 1"):
+    gen.text_to_image(prompts, best_of=0, **kw)

@@ -141,7 +141,8 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
                ["--workdir", workdir, "--out", "o"],                     # no mode
                ["--workdir", workdir, "--prompt", "a"],                  # no --out
                ["--workdir", workdir, "--prompt", "a", "--out", "o", "--cfg_interval", "1", "0"],
-               ["--workdir", workdir, "--prompt", "a", "--out", "o", "--clip_x0", "nan"]):
+               ["--workdir", workdir, "--prompt", "a", "--out", "o", "--clip_x0", "nan"],
+               ["--workdir", workdir, "--prompt", "a", "--out", "o", "--best_of", "0"]):
     with pytest.raises(SystemExit) as e:
       sample.parse_args(argv)
     assert e.value.code == 2

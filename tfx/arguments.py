@@ -42,3 +42,14 @@ def add_clip_x0_flag(p: argparse.ArgumentParser) -> None:
 
 def check_clip_x0_flag(p: argparse.ArgumentParser, value) -> None:
   _check_diffusion_flag(p, "clip_x0", value)
+
+
+def add_best_of_flag(p: argparse.ArgumentParser) -> None:
+  """--best_of K: overrides config.diffusion.best_of (tfx.sample, tfx.evaluate)."""
+  p.add_argument("--best_of", type=int, default=None, metavar="K",
+                 help="draw K images per caption, keep the one the model reads likeliest as its caption "
+                      "(default: config)")
+
+
+def check_best_of_flag(p: argparse.ArgumentParser, value) -> None:
+  _check_diffusion_flag(p, "best_of", value)

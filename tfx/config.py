@@ -103,6 +103,9 @@ def default() -> ml_collections.ConfigDict:
                                      # conditional prediction alone (Kynkaanniemi et al., 2024)
   d.clip_x0 = 0.0                    # > 0: sampling clips each step's predicted x0 to [-c, c] (pixels: 1,
                                      # their range); 0 = off
+  d.best_of = 1                      # text-to-image draws this many images per caption and keeps the one
+                                     # the model itself reads likeliest as the caption (log p(caption |
+                                     # image)); costs best_of times the denoising. 1 = one draw, no ranking
   d.read_only_cache = True           # denoising steps only read the KV cache (False: each step writes its chunk, as before)
   d.loss_weighting = "none"          # x0-error weight: "none" (the target's own), "min_snr" (min(SNR, gamma)),
                                      # "clipped_v" (min(SNR, gamma) + 1: v's SNR + 1, clipped)

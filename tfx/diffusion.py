@@ -125,6 +125,13 @@ def check_clip_x0(clip_x0) -> float:
   return value
 
 
+def check_best_of(best_of) -> int:
+  """diffusion.best_of as an int >= 1."""
+  if isinstance(best_of, bool) or not isinstance(best_of, (int, np.integer)) or best_of < 1:
+    raise ValueError(f"diffusion.best_of must be an integer >= 1 (1 = no reranking), got {best_of!r}")
+  return int(best_of)
+
+
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 
 

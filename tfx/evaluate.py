@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: config")
   arguments.add_cfg_interval_flag(p)
   arguments.add_clip_x0_flag(p)
+  arguments.add_best_of_flag(p)
   p.add_argument("--seed", type=int, default=d.seed)
   p.add_argument("--batch_size", type=int, default=d.batch_size)
   p.add_argument("--caption_tokens", type=int, default=d.caption_tokens, help="longest generated caption")
@@ -112,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--step must be >= 0, got {args.step}")
   arguments.check_cfg_interval_flag(p, args.cfg_interval)
   arguments.check_clip_x0_flag(p, args.clip_x0)
+  arguments.check_best_of_flag(p, args.best_of)
   if args.inception_weights and not os.path.isfile(args.inception_weights):
     p.error(f"--inception_weights {args.inception_weights} is not a file")
   if not fs.isdir(args.workdir):
@@ -168,6 +170,8 @@ def _evaluate(args, mesh) -> int:
     config.diffusion.cfg_interval = tuple(args.cfg_interval)
   if args.clip_x0 is not None:
     config.diffusion.clip_x0 = args.clip_x0
+  if args.best_of is not None:
+    config.diffusion.best_of = args.best_of
   if args.edits:
     return _evaluate_edits(args, config, model, step)
   options = suite.Options(
@@ -176,7 +180,7 @@ def _evaluate(args, mesh) -> int:
       steps=tuple(args.steps or (config.diffusion.sample_steps,)),
       sampler=args.sampler or config.diffusion.sampler,
       cfg_interval=tuple(config.diffusion.cfg_interval), clip_x0=float(config.diffusion.clip_x0),
-      seed=args.seed, batch_size=args.batch_size, caption_tokens=args.caption_tokens,
+      best_of=int(config.diffusion.best_of), seed=args.seed, batch_size=args.batch_size, caption_tokens=args.caption_tokens,
       text_records=args.text_records, inception=args.inception_weights,
       shapesnet=args.shapesnet or fs.join(args.workdir, results.EVAL_SUBDIR,
                                           f"shapesnet_{config.image.resolution}px.npz"))

@@ -7,6 +7,8 @@
   --interleaved PROMPT.json --out DIR         continues a document of text and images:
       PROMPT.json is a list of {"text": "..."} / {"image": "a.png"} (paths relative to the file);
       DIR/document.jsonl gets the prompt's and the new pieces in order, new images as DIR/NNNNN.png
+  --best_of K                                 draws K images per caption, keeps the one the model reads
+                                              likeliest as its caption (K times the denoising)
   --mesh fsdp=8 (or data=2,fsdp=2,tensor=2)   params sharded over a device mesh as in training
   --coordinator_address H:P --num_processes N --process_id I   several processes as one program
                                               (as tfx.train); only process 0 writes or prints
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: config")
   arguments.add_cfg_interval_flag(p)
   arguments.add_clip_x0_flag(p)
+  arguments.add_best_of_flag(p)
   p.add_argument("--temperature", type=float, default=0.0, help="caption sampling; 0 = greedy")
   p.add_argument("--max_tokens", type=int, default=32, help="longest caption (--interleaved: all text) in tokens")
   p.add_argument("--max_images", type=int, default=1, help="--interleaved: most images to generate")
@@ -81,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--step must be >= 0, got {args.step}")
   arguments.check_cfg_interval_flag(p, args.cfg_interval)
   arguments.check_clip_x0_flag(p, args.clip_x0)
+  arguments.check_best_of_flag(p, args.best_of)
   if args.max_images < 0:
     p.error(f"--max_images must be >= 0, got {args.max_images}")
   return args
@@ -296,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         config.diffusion.cfg_interval = tuple(args.cfg_interval)
       if args.clip_x0 is not None:
         config.diffusion.clip_x0 = args.clip_x0
+      if args.best_of is not None:
+        config.diffusion.best_of = args.best_of
       if args.image and args.max_tokens > config.seq_len:
         raise UsageError(f"--max_tokens {args.max_tokens} exceeds the model's context (seq_len {config.seq_len})")
       try:

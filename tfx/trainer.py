@@ -87,6 +87,7 @@ def validate(config, workdir, allow_config_change=()) -> jax.sharding.Mesh:
     loop.FiniteGuard(config.optim.nan_policy, config.optim.max_skips_in_row)
     diffusion.check_cfg_interval(config.diffusion.cfg_interval)  # sample grids use it: refuse before training
     diffusion.check_clip_x0(config.diffusion.clip_x0)
+    diffusion.check_best_of(config.diffusion.best_of)
     diffusion.check_timestep_sampling(config.diffusion.timestep_sampling)
     diffusion.check_timestep_density(config.diffusion)
     optim.check_lr_schedule(config.optim)

@@ -29,6 +29,7 @@ class Options:
   sampler: str | None = None        # None = config.diffusion.sampler
   cfg_interval: tuple | None = None  # None = config.diffusion.cfg_interval
   clip_x0: float | None = None      # None = config.diffusion.clip_x0
+  best_of: int | None = None        # None = config.diffusion.best_of
   seed: int = 0
   batch_size: int = 48
   caption_tokens: int = 24          # longest generated caption
@@ -48,10 +49,10 @@ def sweep_suffix(cfg_scale, steps, first: bool) -> str:
 
 
 def generate_images(gen, captions: list[str], *, batch_size: int, seed: int, cfg_scale, steps, sampler,
-                    cfg_interval=None, clip_x0=None):
+                    cfg_interval=None, clip_x0=None, best_of=None):
   """uint8 [N, H, W, 3]; sample i's noise depends only on (seed, i)."""
   return gen.text_to_image(captions, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                           cfg_interval=cfg_interval, clip_x0=clip_x0, batch_size=batch_size)
+                           cfg_interval=cfg_interval, clip_x0=clip_x0, best_of=best_of, batch_size=batch_size)
 
 
 def generate_captions(gen, images: np.ndarray, *, batch_size: int, max_tokens: int, seed: int) -> list[str]:
@@ -167,7 +168,8 @@ def run(config, model, options: Options = Options(), *, log: Callable = _log_to_
     t = time.time()
     images = generate_images(gen, pairs.captions, batch_size=options.batch_size, seed=options.seed,
                              cfg_scale=cfg_scale, steps=steps, sampler=options.sampler,
-                             cfg_interval=options.cfg_interval, clip_x0=options.clip_x0)
+                             cfg_interval=options.cfg_interval, clip_x0=options.clip_x0,
+                             best_of=options.best_of)
     suffix = sweep_suffix(cfg_scale, steps, i == 0)
     scores = text_to_image_scores(pairs, images) if pairs.has_kinds else {}
     metrics.update({k + suffix: v for k, v in scores.items()})

@@ -269,25 +269,64 @@ class Generator:
     return results
 
   def text_to_image(self, prompts: list[str], *, seed: int = 0, first_index: int = 0, steps=None,
-                    cfg_scale=None, sampler=None, cfg_interval=None, clip_x0=None, batch_size: int = 16,
-                    progress=None) -> np.ndarray:
+                    cfg_scale=None, sampler=None, cfg_interval=None, clip_x0=None, best_of=None,
+                    batch_size: int = 16, progress=None) -> np.ndarray:
     """uint8 [N, H, W, 3], one image per caption; sample i's noise comes from (seed, first_index + i).
 
-    steps / cfg_scale / sampler / cfg_interval / clip_x0 default to config.diffusion; cfg_scale 1 runs
-    no unconditional branch. `progress(done, total)` is called after each batch."""
+    steps / cfg_scale / sampler / cfg_interval / clip_x0 / best_of default to config.diffusion;
+    cfg_scale 1 runs no unconditional branch. best_of K > 1 draws K images per caption (the first
+    with the noise of K = 1, the others from that key folded with 1..K-1) and returns the one with
+    the highest `caption_log_likelihood`. `progress(done, total)` is called after each batch."""
     steps, cfg_scale, sampler, cfg_interval, clip_x0 = self._sampling_args(steps, cfg_scale, sampler,
                                                                             cfg_interval, clip_x0)
+    best_of = diffusion.check_best_of(self.config.diffusion.best_of if best_of is None else best_of)
 
     def run(chunk, first):
       pieces = [self.image_start_piece(self.caption_ids(p), bos=True) for p in chunk]
       logits_BV, cache, lengths_B, Lp = self._prefill_prompts(pieces, self.num_patches)
       keys_B = kernels.index_keys(seed, first_index + first, len(chunk))
-      x0_BnP = self.denoise_image(cache, lengths_B, Lp, 1, keys_B, steps=steps, cfg_scale=cfg_scale,
-                                  sampler=sampler, cfg_interval=cfg_interval, clip_x0=clip_x0,
-                                  logits_BV=logits_BV)
-      return self.patches_to_images(x0_BnP)
+      images_KBHWC = np.stack([
+          self.patches_to_images(self.denoise_image(
+              cache, lengths_B, Lp, 1, keys_B if k == 0 else kernels.fold_keys(keys_B, k), steps=steps,
+              cfg_scale=cfg_scale, sampler=sampler, cfg_interval=cfg_interval, clip_x0=clip_x0,
+              logits_BV=logits_BV))
+          for k in range(best_of)])
+      if best_of == 1:
+        return images_KBHWC[0]
+      B = len(chunk)
+      log_p_KB = self.caption_log_likelihood(list(images_KBHWC.reshape(best_of * B, *images_KBHWC.shape[2:])),
+                                             list(chunk) * best_of, batch_size=B).reshape(best_of, B)
+      return images_KBHWC[log_p_KB.argmax(0), np.arange(B)]
 
     return np.stack(self._in_batches(list(prompts), batch_size, run, progress))
+
+  def caption_log_likelihood(self, images, captions: list[str], *, batch_size: int = 16) -> np.ndarray:
+    """log p(caption EOS | BOS BOI image EOI) per (image, caption) pair, summed over the caption's
+    tokens (cut as `caption_ids` cuts them): how well the model reads each image as its caption,
+    in the image-first layout that training's captioning pairs use. float64 [N]."""
+    from tfx.data import examples
+    if len(images) != len(captions):
+      raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    tok = self.tokenizer
+
+    def run(chunk, first):
+      imgs, texts = zip(*chunk)
+      pieces = []
+      for patches, text in zip(self.image_patches(list(imgs)), texts):
+        if self.discrete:
+          pieces.append(examples.code_image_text_example(self.caption_ids(text), patches + self.code_start, tok,
+                                                         self.patch_dim, caption_first=False))
+        else:
+          pieces.append(examples.image_text_example(self.caption_ids(text), patches, tok, caption_first=False))
+      self._check_length(pieces)
+      batch, _ = left_pad(pieces, bucket(max(len(p["tokens"]) for p in pieces)))
+      logp_BL, mask_BL = (np.asarray(distributed.addressable(a)) for a in self._log_probs(self.params, batch))
+      # the targets after the image's EOI: the caption's tokens and EOS
+      eoi_B = (batch["tokens"] == tok.eoi_id).argmax(1)
+      caption_BL = np.arange(1, batch["tokens"].shape[1])[None] > eoi_B[:, None]
+      return (logp_BL.astype(np.float64) * (mask_BL & caption_BL)).sum(-1)
+
+    return np.array(self._in_batches(list(zip(images, captions)), batch_size, run))
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               max_tokens: int = 32, batch_size: int = 16, progress=None) -> list[str]:

@@ -287,6 +287,11 @@ def index_keys(seed: int, first_index: int, count: int):
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first_index, first_index + count))
 
 
+def fold_keys(keys_B, k: int):
+  """Each row's key folded with `k`: a second, third, ... independent draw for the same samples."""
+  return jax.vmap(lambda key: jax.random.fold_in(key, k))(keys_B)
+
+
 def log_probs(graphdef, params, batch):
   """log p(token[i+1] | tokens[..i]) and where both positions are real: ([B, L-1], [B, L-1])."""
   t_BL = jnp.zeros(batch["tokens"].shape, jnp.float32)
