@@ -42,4 +42,5 @@ def get_config(arg: str | None = None):
   # Guidance on the code logits, at the scale it was measured with; discrete images have no
   # timesteps, so shapes.py's interval of noise levels does not apply.
   c.diffusion.cfg_scale, c.diffusion.cfg_interval = 3.0, (0.0, 1.0)
+  c.diffusion.best_of = 1            # measured with one draw per prompt (shapes.py's: best of 8)
   return c

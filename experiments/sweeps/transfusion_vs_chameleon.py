@@ -8,7 +8,7 @@ After the VQ tokenizer and its code cache (experiments/chameleon.py's first two 
 
 The chameleon variant is experiments/chameleon.py expressed as overrides of shapes.py; edit
 the two paths if the tokenizer or the cache live elsewhere. Both were measured with guidance 3
-at every step (docs/experiments.md says how to run the transfusion variant so).
+at every step and one draw per prompt (docs/experiments.md says how to run the transfusion variant so).
 """
 
 VARIANTS = {
@@ -17,5 +17,6 @@ VARIANTS = {
                   "autoencoder.path": "/tmp/shapes_vq", "autoencoder.latent_channels": 8,
                   "autoencoder.downsample": 4, "autoencoder.codebook_size": 256,
                   "image.patch_size": 1, "data.image_text": "/tmp/shapes_codes",
-                  "diffusion.cfg_scale": 3.0, "diffusion.cfg_interval": (0.0, 1.0)},
+                  "diffusion.cfg_scale": 3.0, "diffusion.cfg_interval": (0.0, 1.0),
+                  "diffusion.best_of": 1},
 }
