@@ -180,8 +180,8 @@ def _evaluate(args, mesh) -> int:
       steps=tuple(args.steps or (config.diffusion.sample_steps,)),
       sampler=args.sampler or config.diffusion.sampler,
       cfg_interval=tuple(config.diffusion.cfg_interval), clip_x0=float(config.diffusion.clip_x0),
-      best_of=int(config.diffusion.best_of), seed=args.seed, batch_size=args.batch_size, caption_tokens=args.caption_tokens,
-      text_records=args.text_records, inception=args.inception_weights,
+      best_of=int(config.diffusion.best_of), seed=args.seed, batch_size=args.batch_size,
+      caption_tokens=args.caption_tokens, text_records=args.text_records, inception=args.inception_weights,
       shapesnet=args.shapesnet or fs.join(args.workdir, results.EVAL_SUBDIR,
                                           f"shapesnet_{config.image.resolution}px.npz"))
   splits = [args.split]
