@@ -311,13 +311,9 @@ class Generator:
 
     def run(chunk, first):
       imgs, texts = zip(*chunk)
-      pieces = []
-      for patches, text in zip(self.image_patches(list(imgs)), texts):
-        if self.discrete:
-          pieces.append(examples.code_image_text_example(self.caption_ids(text), patches + self.code_start, tok,
-                                                         self.patch_dim, caption_first=False))
-        else:
-          pieces.append(examples.image_text_example(self.caption_ids(text), patches, tok, caption_first=False))
+      pieces = [concat_pieces([self.image_piece(patches, bos=True),
+                               examples.text_example(self.caption_ids(text), tok, self.patch_dim, bos=False)])
+                for patches, text in zip(self.image_patches(list(imgs)), texts)]
       self._check_length(pieces)
       batch, _ = left_pad(pieces, bucket(max(len(p["tokens"]) for p in pieces)))
       logp_BL, mask_BL = (np.asarray(distributed.addressable(a)) for a in self._log_probs(self.params, batch))
